@@ -1,0 +1,1 @@
+"""Code both stages share: the store format, dtype helpers, user-facing errors."""

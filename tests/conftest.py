@@ -1,0 +1,146 @@
+"""Shared fixtures: a tiny offline tokenizer, tiny random-model configs and small datasets.
+
+The tiny tokenizer is a word-level vocabulary where the word `tN` has token id N (N >= 4), so
+expected token rows can be written down directly: "t5 t6" -> [5, 6]. Special tokens:
+<pad>=0, <bos>=1, <eos>=2, <unk>=3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY_VOCAB = 64
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+TINY_MODEL_CONFIG = {
+    "n_layers": 3,
+    "d_model": 16,
+    "n_ctx": 32,
+    "d_head": 4,
+    "n_heads": 4,
+    "d_mlp": 32,
+    "d_vocab": TINY_VOCAB,
+    "act_fn": "gelu",
+    "normalization_type": "LN",
+    "seed": 0,
+}
+
+
+def write_tiny_tokenizer(folder: Path) -> Path:
+    """Save a word-level PreTrainedTokenizerFast with ids tN -> N to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<unk>": UNK}
+    vocab.update({f"t{i}": i for i in range(4, TINY_VOCAB)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture
+def tiny_model_json(tmp_path: Path) -> Path:
+    """A random-model config (3 layers, d_model 16, no tokenizer); load with `random:<path>`."""
+    path = tmp_path / "tiny_model.json"
+    path.write_text(json.dumps(TINY_MODEL_CONFIG))
+    return path
+
+
+@pytest.fixture
+def tiny_model_json_with_tokenizer(tmp_path: Path, tiny_tokenizer_dir: Path) -> Path:
+    """Like tiny_model_json, but its `tokenizer_name` points at the tiny offline tokenizer."""
+    path = tmp_path / "tiny_model_tok.json"
+    path.write_text(json.dumps({**TINY_MODEL_CONFIG, "tokenizer_name": str(tiny_tokenizer_dir)}))
+    return path
+
+
+def tiny_docs(n_docs: int = 6, seed: int = 0) -> list[list[int]]:
+    """Documents of varying length made of ids 4..TINY_VOCAB-1 (deterministic)."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(4, TINY_VOCAB) for _ in range(rng.randrange(3, 15))] for _ in range(n_docs)
+    ]
+
+
+def as_text(doc: list[int]) -> str:
+    return " ".join(f"t{i}" for i in doc)
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path: Path) -> Path:
+    """A .jsonl file with a `text` column (words tN) and a pre-tokenized `tokens` column."""
+    path = tmp_path / "docs.jsonl"
+    with path.open("w") as f:
+        for doc in tiny_docs():
+            f.write(json.dumps({"text": as_text(doc), "tokens": doc}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_parquet(tmp_path: Path) -> Path:
+    """The same documents as tiny_jsonl, as a parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = tiny_docs()
+    path = tmp_path / "docs.parquet"
+    table = pa.table({"text": [as_text(d) for d in docs], "tokens": docs})
+    pq.write_table(table, path, row_group_size=2)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' matmuls are tiny and this machine has 2 shared cores: one thread is far faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(main: Callable[[], None], prog: str, monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    """Run a CLI's `main()` with argv in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [prog, *map(str, argv)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
