@@ -1,0 +1,171 @@
+"""The `cache-acts` command line: a thin typer layer over run_cache, import_files, info, verify."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shared.errors import fail, run_cli
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Cache exactly, globally shuffled model activations to a Zarr v3 store.",
+)
+
+Out = Annotated[str, typer.Option("--out", "-o", help="Store folder to write (a local path).")]
+Seed = Annotated[int, typer.Option(help="Seed of the shuffle (the same seed gives the same store).")]
+Dtype = Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16 (kept as uint16 bits).")]
+Compression = Annotated[str, typer.Option(
+    help="none (chunk files can be memory-mapped), zstd or zstd:LEVEL (1-22).")]
+ChunkRows = Annotated[int, typer.Option(help="Rows per chunk of every array.")]
+ShuffleMemory = Annotated[str, typer.Option(
+    help="Memory for the shuffle: one bucket is at most about half of it (e.g. 512MiB, 4GiB).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing store at --out.")]
+Resume = Annotated[bool, typer.Option(
+    help="Continue an interrupted run at --out (same options); the result is identical.")]
+
+
+def local_out(out: str) -> Path:
+    """The one place --out is interpreted; remote fsspec URLs can be added here."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", out):
+        fail(f"--out {out} is a URL; only local paths are supported, write locally and copy")
+    return Path(out).expanduser()
+
+
+def check_compression(text: str) -> str | None:
+    if text == "none":
+        return None
+    m = re.fullmatch(r"zstd(?::(\d+))?", text)
+    if not m or (m.group(1) and not 1 <= int(m.group(1)) <= 22):
+        fail(f"unknown --compression {text!r}; choose none, zstd or zstd:LEVEL with LEVEL 1-22")
+    return text
+
+
+def _modes(resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other; pass one of them")
+
+
+@app.command()
+def run(
+    out: Out,
+    model: Annotated[list[str] | None, typer.Option(
+        help="transformer_lens model name, HF checkpoint folder, .gguf file or "
+             "random:CONFIG.json. Default: the embedded SmolLM2-135M-Instruct. Repeat as "
+             "TAG=SPEC (--model base=... --model chat=...) to cache several models that share "
+             "a tokenizer over the same tokens; their hooks are stored as TAG/HOOK.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="HF hub dataset, or a local text/jsonl/parquet file or folder. "
+             "Default: the embedded Shakespeare plays.")] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding text.")] = "text",
+    token_column: Annotated[str | None, typer.Option(
+        help="Column holding pre-tokenized ids (instead of --text-column).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "train",
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    bos: Annotated[bool, typer.Option(help="Prepend BOS to every sequence.")] = True,
+    drop_special: Annotated[bool, typer.Option(
+        help="Do not cache BOS / padding positions.")] = False,
+    hook: Annotated[list[str] | None, typer.Option(
+        help="Hook point to cache (repeat for several, all in one forward pass). With several "
+             "models a HOOK is taken from every model, TAG/HOOK from that model only.")] = None,
+    tokens: Annotated[str | None, typer.Option(
+        help="Cache exactly this many tokens (e.g. 200k, 5M). Default: the whole dataset.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
+    dtype: Dtype = "float32",
+    model_dtype: Annotated[str, typer.Option(help="Dtype the model runs in.")] = "float32",
+    compression: Compression = "none",
+    seed: Seed = 0,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda or cuda:N. Default: cuda when available.")] = None,
+    chunk_rows: ChunkRows = 4096,
+    shuffle_memory: ShuffleMemory = "512MiB",
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Run a model (or several sharing a tokenizer) over a token stream and cache its
+    activations, globally shuffled."""
+    import torch
+
+    from cache_acts.inspect_store import info
+    from cache_acts.run import RunConfig, run_cache
+    from cache_acts.units import parse_count, parse_size
+    from shared.tokens import TokenSpec
+
+    _modes(resume, overwrite)
+    spec = TokenSpec(
+        dataset=dataset, text_column=text_column, token_column=token_column, split=split,
+        context_size=context_size, prepend_bos=bos, drop_special=drop_special,
+    )
+    cfg = RunConfig(
+        out=local_out(out), tokens=spec, model=list(model or []), hooks=list(hook or []),
+        max_tokens=parse_count(tokens) if tokens is not None else None,
+        batch_size=batch_size, dtype=dtype, model_dtype=model_dtype,
+        compression=check_compression(compression), seed=seed,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        chunk_rows=chunk_rows, shuffle_memory=parse_size(shuffle_memory),
+    )
+    t0 = time.perf_counter()
+    m = run_cache(cfg, resume=resume, overwrite=overwrite)
+    dt = time.perf_counter() - t0
+    typer.echo(f"cached {m.n_rows:,} tokens x {len(m.hooks)} hook(s) in {dt:.1f}s")
+    typer.echo(info(cfg.out))
+
+
+@app.command("import")
+def import_command(
+    files: Annotated[list[Path], typer.Argument(help=".npy or .safetensors files, (rows, d_in).")],
+    hook: Annotated[str, typer.Option(help="Name of the hook the activations come from.")],
+    out: Out,
+    key: Annotated[str | None, typer.Option(
+        help="Tensor name in .safetensors files that hold several.")] = None,
+    model: Annotated[str, typer.Option(
+        help="The model the activations came from, recorded in the manifest.")] = "imported",
+    dtype: Dtype = "float32",
+    compression: Compression = "none",
+    seed: Seed = 0,
+    chunk_rows: ChunkRows = 4096,
+    shuffle_memory: ShuffleMemory = "512MiB",
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+) -> None:
+    """Build a shuffled store from activations you already have."""
+    from cache_acts.importer import ImportConfig, import_files
+    from cache_acts.inspect_store import info
+    from cache_acts.units import parse_size
+
+    _modes(resume, overwrite)
+    cfg = ImportConfig(
+        files=files, hook=hook, out=local_out(out), key=key, dtype=dtype,
+        compression=check_compression(compression), seed=seed, chunk_rows=chunk_rows,
+        shuffle_memory=parse_size(shuffle_memory), model=model,
+    )
+    m = import_files(cfg, resume=resume, overwrite=overwrite)
+    typer.echo(f"imported {m.n_rows:,} rows from {len(files)} file(s)")
+    typer.echo(info(cfg.out))
+
+
+@app.command("info")
+def info_command(
+    store: Annotated[Path, typer.Argument(help="Store folder.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Summarise a store (or print its manifest with --json)."""
+    from cache_acts.inspect_store import info
+
+    typer.echo(info(store, as_json=json_))
+
+
+@app.command("verify")
+def verify_command(store: Annotated[Path, typer.Argument(help="Store folder.")]) -> None:
+    """Exit 0 only if the store is complete and every chunk matches its checksum."""
+    from cache_acts.inspect_store import verify
+
+    typer.echo(verify(store))
+
+
+def main() -> None:
+    run_cli(app)

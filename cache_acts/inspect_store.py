@@ -1,0 +1,128 @@
+"""`cache-acts info` and `cache-acts verify`: what a store holds, and whether its data are intact."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cache_acts.state import RunState, tmp_dir
+from shared.errors import fail
+from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, open_store
+
+
+def _size_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def info(path: Path, as_json: bool = False) -> str:
+    """A human summary of the store at `path` (or its manifest as JSON)."""
+    if not (path / "zarr.json").exists():
+        state = RunState.load(tmp_dir(path))
+        if state is None:
+            fail(f"no activation store at {path}; create one with `cache-acts run` or "
+                 "`cache-acts import`")
+        return (f"{path}: an interrupted cache-acts run, still in pass 1 ({state.rows_done:,} "
+                "rows scattered); finish it with `cache-acts run ... --resume`")
+    store = open_store(path, require_complete=False)
+    m = store.manifest
+    if as_json:
+        return json.dumps(m.to_dict(), indent=2)
+    status = "complete" if m.complete else (
+        "INCOMPLETE (an interrupted run; finish it with `cache-acts run ... --resume`)")
+    dtype = m.dtype + (" (stored as uint16 bits)" if m.dtype == "bfloat16" else "")
+    lines = [
+        f"store        {path}",
+        f"status       {status}",
+        f"rows         {m.n_rows:,} in {m.n_chunks} chunks of {m.chunk_rows:,} rows",
+        f"dtype        {dtype}",
+        f"compression  {m.compression or 'none'}",
+        f"seed         {m.seed}",
+    ]
+    lines[2:2] = _model_lines(m.model, m.model_info)
+    if m.source_files:
+        lines.append(f"imported     {len(m.source_files)} file(s): {', '.join(m.source_files[:3])}"
+                     + (" ..." if len(m.source_files) > 3 else ""))
+    else:
+        ds = m.dataset.get("dataset") or "embedded default (Shakespeare)"
+        lines.append(f"dataset      {ds}, context {m.context_size}, "
+                     f"BOS {'on' if m.prepend_bos else 'off'}")
+    lines.append(f"on disk      {_fmt_bytes(_size_on_disk(path))}")
+    lines.append("hooks")
+    for h in m.hooks:
+        st = m.stats.get(h)
+        extra = f"  mean_norm {st.mean_norm:.4g}" if st else ""
+        lines.append(f"  {h}  d_in {m.d_in[h]}{extra}")
+    return "\n".join(lines)
+
+
+def _model_lines(model: str, model_info: dict) -> list[str]:
+    """One `model` line, or a `models` block (tag, spec, shape) for a multi-model store."""
+    if "models" not in model_info:
+        return [f"model        {model}"]
+    lines = ["models"]
+    for tag, spec in model_info["models"].items():
+        facts = model_info.get("per_model", {}).get(tag, {})
+        shape = (f"  ({facts['n_layers']} layers, d_model {facts['d_model']}, "
+                 f"d_vocab {facts['d_vocab']})" if "n_layers" in facts else "")
+        lines.append(f"  {tag}  {spec}{shape}")
+    return lines
+
+
+def verify(path: Path, progress: bool = True) -> str:
+    """Check a complete store's arrays against the manifest and every chunk's CRC32.
+
+    Raises UserError (exit 2) for anything wrong; returns a one-line summary when all is well.
+    """
+    store = open_store(path, require_complete=True)
+    m = store.manifest
+    problems: list[str] = []
+    for p in m.array_paths():
+        _check_array(store, p, problems)
+    if problems:
+        fail(f"store {path} is damaged: {problems[0]}" +
+             (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "") +
+             "; recreate it with --overwrite")
+    bad: list[str] = []
+    total = len(m.array_paths()) * m.n_chunks
+    with tqdm(total=total, unit="chunk", desc="verify", file=sys.stderr, disable=None) as bar:
+        for p in m.array_paths():
+            arr = store.array(p)
+            for c, expected in enumerate(m.checksums[p]):
+                block = arr[c * m.chunk_rows:(c + 1) * m.chunk_rows]
+                if checksum(np.asarray(block)) != expected:
+                    bad.append(f"{p} chunk {c}")
+                bar.update(1)
+    if bad:
+        fail(f"store {path} is damaged: {len(bad)} of {total} chunks do not match their "
+             f"checksums (first: {bad[0]}); recreate it with --overwrite")
+    return f"ok: {path} ({m.n_rows:,} rows, {total} chunks verified)"
+
+
+def _check_array(store: Store, p: str, problems: list[str]) -> None:
+    m = store.manifest
+    try:
+        arr = store.array(p)
+    except KeyError:
+        problems.append(f"array {p} is missing")
+        return
+    hook = p[len(acts_path("")):] if p.startswith(acts_path("")) else None
+    shape = (m.n_rows, m.d_in[hook]) if hook else (m.n_rows,)
+    if tuple(arr.shape) != shape:
+        problems.append(f"array {p} has shape {tuple(arr.shape)}, the manifest says {shape}")
+    if hook and arr.dtype != STORAGE_DTYPES[m.dtype]:
+        problems.append(f"array {p} has dtype {arr.dtype}, expected {STORAGE_DTYPES[m.dtype]}")
+    if len(m.checksums.get(p, [])) != m.n_chunks:
+        problems.append(f"array {p} has {len(m.checksums.get(p, []))} checksums for "
+                        f"{m.n_chunks} chunks")

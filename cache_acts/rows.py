@@ -1,0 +1,53 @@
+"""A batch of cached rows and the fixed-size record each row becomes in a bucket file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.store import META_ARRAYS, STORAGE_DTYPES, acts_path
+
+
+@dataclass
+class RowBatch:
+    """Rows from one source step, already in storage dtype; row i of every field is the same token.
+
+    `cursor` is the source position just after this batch (sequences consumed for a model run,
+    rows consumed for an import), so a resumed run restarts the source there.
+    """
+
+    acts: dict[str, np.ndarray]  # hook -> [n, d_in]
+    token_ids: np.ndarray  # [n] int32
+    seq_index: np.ndarray  # [n] int64
+    position: np.ndarray  # [n] int32
+    cursor: int
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def head(self, n: int) -> RowBatch:
+        """The first n rows (the `--tokens` budget cuts the last batch)."""
+        return RowBatch(
+            {h: a[:n] for h, a in self.acts.items()},
+            self.token_ids[:n], self.seq_index[:n], self.position[:n], self.cursor,
+        )
+
+
+def record_dtype(hooks: list[str], d_in: dict[str, int], dtype: str) -> np.dtype:
+    """One packed record per row: every hook's activations, then the metadata arrays.
+    Field names are the store's array paths, so pass 2 writes field -> array directly."""
+    fields: list[tuple] = [(acts_path(h), STORAGE_DTYPES[dtype], (d_in[h],)) for h in hooks]
+    fields += [(name, np.dtype(t).newbyteorder("<")) for name, t in META_ARRAYS.items()]
+    return np.dtype(fields)
+
+
+def to_records(batch: RowBatch, rec: np.dtype) -> np.ndarray:
+    """RowBatch -> structured array [n] of `rec`."""
+    out = np.empty(len(batch), dtype=rec)
+    for hook, a in batch.acts.items():
+        out[acts_path(hook)] = a
+    out["token_ids"] = batch.token_ids
+    out["seq_index"] = batch.seq_index
+    out["position"] = batch.position
+    return out

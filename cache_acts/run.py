@@ -1,0 +1,162 @@
+"""`cache-acts run`: one or more models over a token stream, cached through the two-pass shuffle
+engine. With several models (see cache_acts.model_list) the token rows are made once and every
+model runs on each batch, so row i of every stored hook is the same token."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_acts.engine import Job, run_job
+from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
+from cache_acts.rows import RowBatch
+from shared.errors import fail
+from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
+from shared.store import Manifest, check_dtype, to_storage
+from shared.tokens import TokenSpec, count_sequences, iter_token_batches
+
+MiB = 1 << 20
+
+
+@dataclass
+class RunConfig:
+    """What `cache-acts run` caches and how (the CLI flags, one field each)."""
+
+    out: Path
+    tokens: TokenSpec
+    # None: the embedded default (shared.embedded); a spec; or a list of `[TAG=]SPEC` (repeated
+    # --model) to cache several models over the same tokens (cache_acts.model_list)
+    model: str | list[str] | None = None
+    # `[TAG/]HOOK` each; [] -> DEFAULT_HOOK of the embedded default
+    hooks: list[str] = dataclasses.field(default_factory=list)
+    max_tokens: int | None = None  # cache exactly this many rows; None: the whole dataset
+    batch_size: int = 32  # sequences per forward pass
+    dtype: str = "float32"  # stored dtype of the activations
+    model_dtype: str = "float32"  # dtype the model runs in
+    compression: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    chunk_rows: int = 4096
+    shuffle_memory: int = 512 * MiB
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        if self.batch_size < 1:
+            fail(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.chunk_rows < 1:
+            fail(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            fail(f"--tokens must be at least 1, got {self.max_tokens}")
+        if self.shuffle_memory < 2:
+            fail(f"--shuffle-memory must be positive, got {self.shuffle_memory} bytes")
+
+    def model_specs(self) -> list[str]:
+        """The --model values: [] for the embedded default."""
+        if self.model is None:
+            return []
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
+    def settings(self, choices: list[ModelChoice]) -> dict:
+        """What decides the store's bytes; a --resume must repeat these (the bucket count is
+        kept from the first run, so --shuffle-memory may change). `choices`: the resolved
+        models, whose tags, specs and stored hook names (in order) must all match."""
+        return {
+            "model": [[c.tag, c.spec] for c in choices],
+            "hooks": [c.stored(h) for c in choices for h in c.hooks],
+            "dataset": self.tokens.to_dict(),
+            "max_tokens": self.max_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
+            "model_dtype": self.model_dtype, "compression": self.compression, "seed": self.seed,
+            "chunk_rows": self.chunk_rows,
+        }
+
+
+def model_source(models: list[tuple[ModelChoice, LoadedModel]], spec: TokenSpec,
+                 batch_size: int, dtype: str):
+    """cursor (sequences consumed) -> RowBatches of the kept positions of each batch, with one
+    forward pass per model per batch (each stopping after its deepest hook). The token rows come
+    from the first model's tokenizer; check_shared_tokenizer made sure the others agree."""
+    first = models[0][1]
+
+    def batches(cursor: int) -> Iterator[RowBatch]:
+        for tb in iter_token_batches(spec, first.tokenizer, batch_size, start_sequence=cursor,
+                                     d_vocab=first.model.cfg.d_vocab):
+            keep = tb.keep  # [b, ctx] bool
+            acts: dict[str, np.ndarray] = {}  # stored hook -> [kept rows, d_in]
+            for choice, loaded in models:
+                for hook, a in capture(loaded.model, tb.tokens, list(choice.hooks)).items():
+                    acts[choice.stored(hook)] = to_storage(a[keep.to(a.device)], dtype)
+            b, ctx = tb.tokens.shape
+            cursor += b
+            yield RowBatch(
+                acts=acts,
+                token_ids=tb.tokens[keep].to(torch.int32).numpy(),
+                seq_index=tb.seq_index[:, None].expand(b, ctx)[keep].numpy(),
+                position=torch.arange(ctx, dtype=torch.int32)[None].expand(b, ctx)[keep].numpy(),
+                cursor=cursor,
+            )
+
+    return batches
+
+
+def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+              loaded: LoadedModel | None = None) -> Manifest:
+    """Cache cfg's activations to cfg.out (see cache_acts.engine for the two passes).
+    `loaded`: the one model cfg.model names, already loaded (benchmarks and tests reuse one)."""
+    choices = parse_models(cfg.model_specs(), cfg.hooks)
+    ctx = cfg.tokens.context_size
+    models: list[LoadedModel] = []
+    d_in: dict[str, int] = {}  # stored hook -> width
+    for choice in choices:
+        with choice.named_in_errors():
+            if loaded is None:
+                lm = load_model(choice.spec, device=cfg.device, dtype=cfg.model_dtype)
+            else:
+                assert len(choices) == 1, "`loaded` is for single-model runs"
+                lm = loaded
+            dims = hook_dims(lm.model, list(choice.hooks))
+            check_context_size(lm.model, ctx)
+        d_in.update({choice.stored(h): d for h, d in dims.items()})
+        models.append(lm)
+    check_shared_tokenizer(choices, models, cfg.tokens)
+    tokenizer = models[0].tokenizer
+    if tokenizer is None and cfg.tokens.token_column is None:
+        fail("this model has no tokenizer; pass pre-tokenized data with --token-column")
+    if cfg.max_tokens is not None:
+        need = -(-cfg.max_tokens // ctx)
+        have = count_sequences(cfg.tokens, tokenizer, limit=need)
+        if have < need:
+            fail(_too_short(have * ctx, cfg.max_tokens, ctx))
+        row_bound = cfg.max_tokens
+    else:
+        row_bound = count_sequences(cfg.tokens, tokenizer) * ctx
+    settings = cfg.settings(choices)
+    single = len(choices) == 1 and choices[0].tag is None
+    manifest = Manifest(
+        model=model_label(choices, [lm.spec for lm in models]), hooks=settings["hooks"],
+        d_in=d_in, dtype=cfg.dtype, n_rows=0, context_size=ctx, seed=cfg.seed,
+        chunk_rows=cfg.chunk_rows, prepend_bos=cfg.tokens.prepend_bos,
+        dataset=cfg.tokens.to_dict(), compression=cfg.compression,
+        model_info=models[0].info if single else {
+            "models": {c.tag: lm.spec for c, lm in zip(choices, models, strict=True)},
+            "per_model": {c.tag: lm.info for c, lm in zip(choices, models, strict=True)},
+        },
+    )
+    job = Job(
+        out=cfg.out, manifest=manifest, settings=settings,
+        row_bound=row_bound, max_rows=cfg.max_tokens, shuffle_memory=cfg.shuffle_memory,
+        short_message=_too_short("{n}", "{want}", ctx),
+    )
+    source = model_source(list(zip(choices, models, strict=True)), cfg.tokens, cfg.batch_size,
+                          cfg.dtype)
+    with torch.inference_mode():
+        return run_job(job, source, resume=resume, overwrite=overwrite)
+
+
+def _too_short(have: object, want: object, ctx: int) -> str:
+    return (f"the dataset provides only {have} tokens (at context size {ctx}) but --tokens "
+            f"asks for {want}; lower --tokens or add data")

@@ -1,0 +1,161 @@
+"""Exact global shuffle with bounded memory: scatter rows to K random buckets, permute each one.
+
+Pass 1 sends row g (its global index in the source stream) to bucket `bucket_of(g)`, chosen
+uniformly from K by a counter-based hash of (seed, g), and appends it to that bucket's file.
+Pass 2 reads bucket 0, 1, ..., K-1 in turn, permutes each with a generator seeded by
+(seed, bucket) and emits the rows in that order, cut into whole output chunks.
+
+Why the result is exactly uniform (the two-pass shuffle of Rao 1961 / Sandelius 1962): given the
+bucket sizes n_1..n_K, every split of the n rows into buckets of those sizes is equally likely
+and each bucket's order is uniform, so every one of the n! orders has probability
+(n_1!...n_K! / n!) * 1/(n_1!...n_K!) = 1/n!.
+
+Memory: pass 2 holds one bucket plus at most three output chunks (one filling, one queued,
+one being written). K is the smallest power of two whose
+expected bucket is at most half the budget (`choose_n_buckets`), so a bucket exceeds the budget
+only if it reaches twice its mean, which by a Chernoff bound has probability <= K*exp(-m/3)
+for m rows per bucket on average.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 (Steele, Lea & Flood 2014); wraps modulo 2**64."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def bucket_of(rows: np.ndarray, seed: int, n_buckets: int) -> np.ndarray:
+    """Bucket [n] (int64) of each global row index [n]: the top log2(K) bits of the SplitMix64
+    stream of `seed` at position row, so exactly uniform over K (a power of two) and the same for
+    a given row however the stream is batched or resumed."""
+    assert n_buckets >= 1 and n_buckets & (n_buckets - 1) == 0, "K must be a power of two"
+    if n_buckets == 1:
+        return np.zeros(len(rows), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed], dtype=np.uint64))[0]
+        h = _splitmix64(key + (rows.astype(np.uint64) + np.uint64(1)) * _GAMMA)
+    return (h >> np.uint64(64 - n_buckets.bit_length() + 1)).astype(np.int64)
+
+
+def choose_n_buckets(total_bytes: int, memory_budget: int) -> int:
+    """Smallest power of two K with total_bytes / K <= memory_budget / 2."""
+    k = 1
+    while total_bytes > k * (memory_budget // 2):
+        k *= 2
+    return k
+
+
+def bucket_permutation(seed: int, bucket: int, n: int) -> np.ndarray:
+    """The order [n] in which bucket `bucket`'s rows are emitted."""
+    return np.random.default_rng([seed, bucket]).permutation(n)
+
+
+class BucketFiles:
+    """K append-only files of fixed-size records under `folder`, buffered in memory up to
+    `buffer_bytes`; `flush()` makes everything appended so far reach the files."""
+
+    def __init__(self, folder: Path, n_buckets: int, rec: np.dtype, buffer_bytes: int):
+        self.folder = folder
+        self.n_buckets = n_buckets
+        self.rec = rec
+        self.buffer_bytes = buffer_bytes
+        self._pending: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
+        self._pending_bytes = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, bucket: int) -> Path:
+        return self.folder / f"bucket-{bucket:05d}.bin"
+
+    def truncate_to(self, sizes: list[int]) -> None:
+        """Cut every file back to its committed size in bytes (resume after a crash)."""
+        for b, size in enumerate(sizes):
+            p = self.path(b)
+            have = p.stat().st_size if p.exists() else 0
+            assert have >= size, f"bucket file {p} is shorter than its committed size"
+            with open(p, "ab") as f:
+                f.truncate(size)
+
+    def sizes(self) -> list[int]:
+        """Bytes in each file (only meaningful right after `flush`)."""
+        return [self.path(b).stat().st_size if self.path(b).exists() else 0
+                for b in range(self.n_buckets)]
+
+    def append(self, records: np.ndarray, buckets: np.ndarray) -> None:
+        """Queue records [n] for buckets [n], keeping source order inside each bucket."""
+        counts = np.bincount(buckets, minlength=self.n_buckets)
+        ends = np.cumsum(counts)
+        if self.n_buckets > 1:
+            records = records[np.argsort(buckets, kind="stable")]
+        for b in np.flatnonzero(counts):
+            self._pending[b].append(records[ends[b] - counts[b]:ends[b]])
+        self._pending_bytes += records.nbytes
+
+    def should_flush(self) -> bool:
+        return self._pending_bytes >= self.buffer_bytes
+
+    def flush(self) -> None:
+        for b, pieces in enumerate(self._pending):
+            if pieces:
+                with open(self.path(b), "ab") as f:
+                    for piece in pieces:
+                        f.write(piece.data)
+                self._pending[b] = []
+        self._pending_bytes = 0
+
+    def mapped(self, bucket: int, n_rows: int) -> np.ndarray:
+        """Bucket `bucket` as read-only records [n_rows], memory-mapped (unmapped when the array
+        is freed). The file was just written, so its pages are usually in the page cache and no
+        private copy is made (numpy.fromfile spent most of its time faulting in a fresh buffer);
+        WILLNEED starts read-ahead of the whole bucket for when they are not."""
+        if n_rows == 0:
+            return np.empty(0, dtype=self.rec)
+        with open(self.path(bucket), "rb") as f:
+            m = mmap.mmap(f.fileno(), n_rows * self.rec.itemsize, access=mmap.ACCESS_READ)
+        m.madvise(mmap.MADV_WILLNEED)
+        return np.frombuffer(m, dtype=self.rec, count=n_rows)
+
+
+def iter_chunks(
+    files: BucketFiles, bucket_rows: list[int], seed: int, chunk_rows: int, start_chunk: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk index, records [<= chunk_rows]) of the shuffled stream, from `start_chunk` on.
+
+    Output row r is row r of the concatenation of the permuted buckets; only whole chunks are
+    emitted (the last one may be short), a bucket's tail carried into the next chunk.
+    """
+    n_rows = sum(bucket_rows)
+    start_row = start_chunk * chunk_rows
+    chunk = np.empty(min(chunk_rows, max(n_rows - start_row, 0)), dtype=files.rec)
+    filled, index, first = 0, start_chunk, 0  # first: output row of the bucket's first row
+    for b, n in enumerate(bucket_rows):
+        if first + n <= start_row or n == 0:
+            first += n
+            continue
+        rows = files.mapped(b, n)
+        perm = bucket_permutation(seed, b, n)[max(start_row - first, 0):]
+        first += n
+        while len(perm):
+            take = min(len(perm), len(chunk) - filled)
+            # mode="clip": numpy gathers straight into `out` (the indices are all valid)
+            np.take(rows, perm[:take], out=chunk[filled:filled + take], mode="clip")
+            filled += take
+            perm = perm[take:]
+            if filled == len(chunk):
+                yield index, chunk
+                index += 1
+                filled = 0
+                remaining = n_rows - index * chunk_rows
+                chunk = np.empty(min(chunk_rows, max(remaining, 0)), dtype=files.rec)
+        del rows
+    assert filled == 0 and index * chunk_rows >= n_rows

@@ -1,0 +1,222 @@
+"""`cache-acts import`, `info` and `verify`, through the real CLI entry point (in-process)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import save_file
+
+from cache_acts import engine
+from cache_acts.cli import main
+from shared.errors import UserError
+from shared.store import checksum, open_store
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `cache-acts ARGS` in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["cache-acts", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def sources(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((700, 8)).astype(np.float32)
+    b = rng.standard_normal((333, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    save_file({"acts": torch.from_numpy(b)}, str(tmp_path / "b.safetensors"))
+    return tmp_path, [a, b]
+
+
+def _import(monkeypatch, capsys, folder, *extra):
+    return cli(monkeypatch, capsys, "import", str(folder / "a.npy"), str(folder / "b.safetensors"),
+               "--hook", "resid", "--out", str(folder / "store"), "--chunk-rows", "64",
+               "--shuffle-memory", "8KiB", *extra)
+
+
+def test_import_reads_back_with_plain_zarr(monkeypatch, capsys, sources):
+    folder, (a, b) = sources
+    code, out, err = _import(monkeypatch, capsys, folder, "--model", "gpt2")
+    assert code == 0, err
+    assert "imported 1,033 rows" in out
+    g = zarr.open_group(str(folder / "store"), mode="r")
+    m = g.attrs["manifest"]
+    assert m["complete"] and m["n_rows"] == 1033 and m["d_in"] == {"resid": 8}
+    assert m["model"] == "gpt2" and m["hooks"] == ["resid"] and m["dtype"] == "float32"
+    assert g["acts/resid"].shape == (1033, 8) and g["token_ids"].shape == (1033,)
+    x, f, r = g["acts/resid"][:], g["seq_index"][:], g["position"][:]
+    # (file, row) pairs are an exact permutation of the sources, and rows carry their data
+    pairs = sorted(zip(f.tolist(), r.tolist(), strict=True))
+    assert pairs == [(0, i) for i in range(700)] + [(1, i) for i in range(333)]
+    src = [a, b]
+    assert all(np.array_equal(x[i], src[f[i]][r[i]]) for i in range(len(x)))
+    assert (g["token_ids"][:] == -1).all()
+    # shuffled: source order is not preserved, and it is not in blocks
+    assert abs(np.corrcoef(np.arange(1033), f * 1000 + r)[0, 1]) < 0.15
+    both = np.concatenate([a, b]).astype(np.float64)
+    assert np.allclose(m["stats"]["resid"]["mean"], both.mean(0), atol=1e-12)
+    assert np.isclose(m["stats"]["resid"]["mean_norm"], np.linalg.norm(both, axis=1).mean())
+    assert m["checksums"]["acts/resid"][0] == checksum(x[:64])
+
+
+def test_same_seed_same_bytes_other_seed_other_order(monkeypatch, capsys, sources):
+    folder, _ = sources
+    assert _import(monkeypatch, capsys, folder)[0] == 0
+    first = zarr.open_group(str(folder / "store"))["position"][:]
+    assert _import(monkeypatch, capsys, folder, "--overwrite")[0] == 0
+    assert np.array_equal(zarr.open_group(str(folder / "store"))["position"][:], first)
+    assert _import(monkeypatch, capsys, folder, "--overwrite", "--seed", "1")[0] == 0
+    assert not np.array_equal(zarr.open_group(str(folder / "store"))["position"][:], first)
+
+
+def test_bfloat16_zstd_store(monkeypatch, capsys, sources):
+    folder, (a, b) = sources
+    code, _, err = _import(monkeypatch, capsys, folder, "--dtype", "bfloat16",
+                           "--compression", "zstd:5")
+    assert code == 0, err
+    store = open_store(folder / "store")
+    assert store.manifest.compression == "zstd:5" and store.acts("resid").dtype == np.uint16
+    assert not store.memmappable()
+    x = store.read_rows("resid", 0, 1033)
+    assert x.dtype == torch.bfloat16
+    f, r = store.array("seq_index")[:], store.array("position")[:]
+    want = torch.from_numpy(np.stack([[a, b][f[i]][r[i]] for i in range(1033)])).bfloat16()
+    assert torch.equal(x, want)
+    assert cli(monkeypatch, capsys, "verify", str(folder / "store"))[0] == 0
+
+
+def test_info_and_verify(monkeypatch, capsys, sources):
+    folder, _ = sources
+    _import(monkeypatch, capsys, folder)
+    path = str(folder / "store")
+    code, out, _ = cli(monkeypatch, capsys, "info", path)
+    assert code == 0 and "status       complete" in out and "rows         1,033 in 17 chunks" in out
+    code, out, _ = cli(monkeypatch, capsys, "info", path, "--json")
+    assert code == 0 and json.loads(out)["n_rows"] == 1033
+    code, out, _ = cli(monkeypatch, capsys, "verify", path)
+    assert code == 0 and out.startswith("ok:") and "68 chunks verified" in out
+    # flip one byte of one chunk file: verify names it and exits 2
+    chunk = folder / "store" / "acts" / "resid" / "c" / "3" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    code, out, err = cli(monkeypatch, capsys, "verify", path)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: store {path} is damaged: 1 of 68 chunks do not match their checksums "
+        "(first: acts/resid chunk 3); recreate it with --overwrite"]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_crash_then_resume_is_identical(monkeypatch, capsys, sources):
+    """A crash in pass 1 and one in pass 2 (simulated in-process), then --resume: same bytes."""
+    folder, _ = sources
+    assert _import(monkeypatch, capsys, folder, "--shuffle-memory", "4KiB")[0] == 0
+    want = {p: zarr.open_group(str(folder / "store"))[p][:]
+            for p in ("acts/resid", "seq_index", "position")}
+    monkeypatch.setattr("cache_acts.importer.READ_BYTES", 32 * 100)  # 100 rows per step
+
+    real_chunk, calls = engine.write_chunk, {"n": 0}
+
+    def crash_in_pass_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise SimulatedCrash
+        return real_chunk(*args, **kwargs)
+
+    real_to_records = engine.to_records
+
+    def crash_in_pass_1(batch, rec):
+        if batch.cursor > 500:
+            raise SimulatedCrash
+        return real_to_records(batch, rec)
+
+    monkeypatch.setattr(engine, "to_records", crash_in_pass_1)
+    with pytest.raises(SimulatedCrash):
+        _import(monkeypatch, capsys, folder, "--overwrite", "--shuffle-memory", "4KiB")
+    with pytest.raises(UserError):  # no zarr.json yet: not a store
+        open_store(folder / "store")
+    monkeypatch.setattr(engine, "to_records", real_to_records)
+    monkeypatch.setattr(engine, "write_chunk", crash_in_pass_2)
+    with pytest.raises(SimulatedCrash):
+        _import(monkeypatch, capsys, folder, "--resume", "--shuffle-memory", "4KiB")
+    code, out, _ = cli(monkeypatch, capsys, "info", str(folder / "store"))
+    assert "INCOMPLETE" in out
+    monkeypatch.setattr(engine, "write_chunk", real_chunk)
+    code, _, err = _import(monkeypatch, capsys, folder, "--resume")
+    assert code == 0, err
+    g = zarr.open_group(str(folder / "store"))
+    assert all(np.array_equal(g[p][:], want[p]) for p in want)
+    assert not (folder / "store" / ".cache-acts-tmp").exists()
+    assert cli(monkeypatch, capsys, "verify", str(folder / "store"))[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        (None, ["missing.npy"], "cannot read {d}/missing.npy: no such file"),
+        ("3d", ["x.npy"], "has shape (2, 3, 4); activations must be 2-D"),
+        ("int", ["x.npy"], "holds int64 values; activations must be floating point"),
+        ("wide", ["a.npy", "x.npy"], "has d_in 9 but"),
+        ("two", ["x.safetensors"], "holds 2 tensors (p, q); choose one with --key"),
+        ("two", ["x.safetensors", "--key", "r"], "has no tensor 'r'; it holds p, q"),
+        (None, ["a.npy", "--dtype", "float64"], "unknown dtype 'float64'"),
+        (None, ["a.npy", "--compression", "lz4"], "unknown --compression 'lz4'"),
+        (None, ["a.npy", "--resume", "--overwrite"], "contradict each other"),
+    ],
+)
+def test_bad_import_input(monkeypatch, capsys, sources, setup, args, message):
+    folder, _ = sources
+    x = {"3d": np.zeros((2, 3, 4), np.float32), "int": np.zeros((5, 8), np.int64),
+         "wide": np.zeros((5, 9), np.float32)}.get(setup)
+    if x is not None:
+        np.save(folder / "x.npy", x)
+    if setup == "two":
+        save_file({"p": torch.zeros(3, 8), "q": torch.zeros(3, 8)}, str(folder / "x.safetensors"))
+    files = [str(folder / a) if a.endswith((".npy", ".safetensors")) else a for a in args]
+    code, _, err = cli(monkeypatch, capsys, "import", *files, "--hook", "h", "--out",
+                       str(folder / "s"))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert message.format(d=folder) in lines[0]
+    assert not (folder / "s").exists()
+
+
+def test_existing_out_needs_a_flag(monkeypatch, capsys, sources, tmp_path):
+    folder, _ = sources
+    _import(monkeypatch, capsys, folder)
+    code, _, err = _import(monkeypatch, capsys, folder)
+    assert code == 2 and "already exists; pass --resume" in err
+    code, _, err = _import(monkeypatch, capsys, folder, "--resume")
+    assert code == 0 and "already complete" in err
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    code, _, err = cli(monkeypatch, capsys, "import", str(folder / "a.npy"), "--hook", "h",
+                       "--out", str(other), "--overwrite")
+    assert code == 2 and "refusing to overwrite" in err and (other / "notes.txt").exists()
+
+
+def test_disk_full_is_one_line(monkeypatch, capsys, sources):
+    folder, _ = sources
+
+    def full(self):
+        raise OSError(28, "No space left on device", str(self.folder))
+
+    monkeypatch.setattr("cache_acts.shuffle.BucketFiles.flush", full)
+    code, _, err = _import(monkeypatch, capsys, folder)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the disk is full") and "--resume" in err
