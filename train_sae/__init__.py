@@ -1,0 +1,1 @@
+"""Stage 2: train many SAEs in one pass over an activation store, evaluate and report them."""

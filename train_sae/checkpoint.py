@@ -1,0 +1,46 @@
+"""Atomic sweep checkpoints: one file with every member's state, written to a temp file + os.replace.
+
+A checkpoint holds, for step `step` (the index of the next batch to train on): each member's SAE
+state_dict (parameters and buffers such as AuxK's tokens-since-fired), Adam state, density counters,
+status, resampling RNG, log-file offsets; the global torch RNG state; the W&B run id. The loader
+position is `step` itself, since batch i is a pure function of i.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.errors import fail
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    path = folder / CHECKPOINT_NAME
+    tmp = folder / (CHECKPOINT_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint in `folder`, or None if there is none."""
+    path = folder / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to remove
+        fail(f"checkpoint {path} cannot be read ({e}); delete it to restart, or use --overwrite")
+
+
+def remove_checkpoint(folder: Path) -> None:
+    for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp"):
+        (folder / name).unlink(missing_ok=True)

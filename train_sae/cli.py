@@ -1,0 +1,178 @@
+"""`train-sae`: train one SAE (`run`) or a sweep of many in one pass (`sweep`) over an activation store.
+
+Both commands take the same options; in `sweep` the hyperparameter options take comma-separated
+lists that expand to a grid (see train_sae/sweep.py), `run` must describe exactly one SAE.
+`--hook` may be repeated (or `--hook all`): SAE members are trained for every chosen hook and
+crosscoder members read all of them, in one pass over the store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shared.errors import fail, run_cli
+from train_sae.cli_eval import eval_command, report_command
+from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
+from train_sae.sweep import GridSpec, expand_grid, load_toml, parse_list
+from train_sae.trainer import MemberResult, prepare, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train sparse autoencoders on a cached activation store.")
+
+Store = Annotated[Path, typer.Option(help="activation store written by cache-acts")]
+Out = Annotated[Path, typer.Option(help="sweep folder: one sub-folder per SAE, plus sweep.json")]
+Hook = Annotated[list[str] | None, typer.Option(
+    help="hook to train on; repeat for several, or `all` (default: the store's only hook)")]
+Tokens = Annotated[int | None, typer.Option(help="training tokens (default: every row once)")]
+BatchSize = Annotated[int, typer.Option(help="activations per training step")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+Seed = Annotated[int, typer.Option(help="seed for SAE init and batch order")]
+Resume = Annotated[bool, typer.Option(help="continue the killed sweep in --out")]
+Overwrite = Annotated[bool, typer.Option(help="replace the sweep in --out")]
+CkptEvery = Annotated[int, typer.Option(help="checkpoint every N steps (0: never)")]
+LogEvery = Annotated[int, typer.Option(help="write metrics every N steps")]
+Wandb = Annotated[str | None, typer.Option(help="also log to this W&B project")]
+Config = Annotated[Path | None, typer.Option(help="TOML file listing the members explicitly")]
+Normalize = Annotated[bool, typer.Option(
+    "--normalize/--no-normalize",
+    help="scale each hook's activations by sqrt(d_in) / mean norm while training (Anthropic April "
+         "2024 update), folded back into the saved weights; --no-normalize trains on raw "
+         "activations")]
+
+
+def _opt(help_text: str) -> Any:
+    return Annotated[str | None, typer.Option(help=help_text)]
+
+
+Arch = _opt("architectures: relu, april, topk, batchtopk, jumprelu, gated, crosscoder, "
+            "crosscoder_topk (crosscoders read all the chosen hooks)")
+Width = _opt("SAE widths (latents), e.g. 4096,8192")
+Expansion = _opt("SAE widths as multiples of d_in, e.g. 8,16")
+K = _opt("top-k (topk, batchtopk, crosscoder_topk)")
+KAux = _opt("AuxK dead latents used (topk, batchtopk)")
+AuxCoef = _opt("AuxK loss coefficient (topk, batchtopk)")
+L1 = _opt("L1 coefficient (relu, april, gated, crosscoder)")
+L0 = _opt("L0 penalty coefficient (jumprelu)")
+Lr = _opt("learning rate (default per arch)")
+Beta1 = _opt("Adam beta1 (default 0.9)")
+Beta2 = _opt("Adam beta2 (default 0.999)")
+Warmup = _opt("LR warm-up steps from lr/10 (also after each resampling)")
+Decay = _opt("fraction of final steps over which the LR decays linearly to 0")
+Clip = _opt("max gradient norm (0: off)")
+Resample = _opt("Anthropic resampling of dead latents: on,off (relu; default on)")
+ResampleAt = Annotated[str | None, typer.Option(
+    help="fractions of training at which to resample (default 0.25,0.5,0.75)")]
+Param = Annotated[list[str] | None, typer.Option(
+    help="any arch hyperparameter as NAME=V1,V2 (repeatable), e.g. bandwidth=0.001 or "
+         "dec_init_norm=0.08,0.2")]
+
+FLAG_KEYS = {"k": "k", "k_aux": "k_aux", "aux_coefficient": "aux_coefficient",
+             "l1": "l1_coefficient", "l0": "l0_coefficient", "lr": "lr", "beta1": "beta1",
+             "beta2": "beta2", "lr_warmup_steps": "lr_warmup_steps",
+             "lr_decay_frac": "lr_decay_frac", "grad_clip": "grad_clip", "resample": "resample"}
+
+
+def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens: int | None,
+           batch_size: int, device: str, seed: int, resume: bool, overwrite: bool,
+           checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
+           config: Path | None, arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
+           resample_at: str | None, flags: dict[str, str | None]) -> list[MemberResult]:
+    cfg = TrainConfig(store=str(store), out=str(out), hooks=tuple(hook or ()), tokens=tokens,
+                      batch_size=batch_size, device=device, seed=seed,
+                      checkpoint_every=checkpoint_every, log_every=log_every,
+                      wandb_project=wandb_project, resume=resume, overwrite=overwrite,
+                      normalize=normalize)
+    plan = prepare(cfg)
+    values = {FLAG_KEYS[f]: parse_list(v, "--" + f.replace("_", "-"))
+              for f, v in flags.items() if v is not None}
+    for item in param or []:
+        name, sep, vals = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--param {item!r} is not NAME=V1,V2; e.g. --param bandwidth=0.001,0.01")
+        values[name.strip()] = parse_list(vals, f"--param {name.strip()}")
+    grid_given = arch or width or expansion or values or resample_at
+    if config is not None:
+        if grid_given:
+            fail("give either --config or grid options (--arch, --width, ...), not both")
+        members = load_toml(config, plan.d_in, batch_size, plan.total_steps)
+    else:
+        if not arch:
+            fail("no architecture given; pass --arch (e.g. --arch topk) or --config sweep.toml")
+        at = tuple(parse_list(resample_at, "--resample-at")) if resample_at else DEFAULT_RESAMPLE_AT
+        spec = GridSpec(archs=parse_list(arch, "--arch"),
+                        widths=[int(w) for w in parse_list(width, "--width")] if width else [],
+                        expansions=parse_list(expansion, "--expansion") if expansion else [],
+                        values=values, resample_at=at)
+        _check_ints(spec)
+        members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps)
+    if single and len(members) != 1:
+        fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
+             "give one value per option or use `train-sae sweep`")
+    results = train(cfg, plan, members)
+    for r in results:
+        line = f"{r.status:6s} {r.name}"
+        if r.status == "done":
+            line += f"  fvu {r.final['fvu']:.4f}  l0 {r.final['l0']:.1f}  " \
+                    f"dead {r.final['dead_fraction']:.3f}"
+            line += "".join(f"  {k} {v:.4f}" for k, v in r.final.items() if k.startswith("fvu/"))
+        else:
+            line += f"  ({r.failure})"
+        typer.echo(line)
+    return results
+
+
+def _check_ints(spec: GridSpec) -> None:
+    for a in spec.archs:
+        if not isinstance(a, str):
+            fail(f"--arch takes architecture names, got {a!r}")
+    for key in ("k", "k_aux", "lr_warmup_steps"):
+        for v in spec.values.get(key, []):
+            if not isinstance(v, int) or isinstance(v, bool):
+                fail(f"--{key.replace('_', '-')} takes whole numbers, got {v!r}")
+
+
+def _train_command(single: bool):
+    """The `sweep` command, or `run` (`single`: the options must describe exactly one SAE)."""
+
+    def command(
+        store: Store, out: Out, hook: Hook = None, tokens: Tokens = None,
+        batch_size: BatchSize = 4096, device: Device = "auto", seed: Seed = 0,
+        resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = 0,
+        log_every: LogEvery = 100, wandb_project: Wandb = None, normalize: Normalize = True,
+        config: Config = None, arch: Arch = None, width: Width = None,
+        expansion: Expansion = None, k: K = None, k_aux: KAux = None,
+        aux_coefficient: AuxCoef = None, l1: L1 = None, l0: L0 = None, lr: Lr = None,
+        beta1: Beta1 = None, beta2: Beta2 = None, lr_warmup_steps: Warmup = None,
+        lr_decay_frac: Decay = None, grad_clip: Clip = None, resample: Resample = None,
+        resample_at: ResampleAt = None, param: Param = None,
+    ) -> None:
+        flags = dict(k=k, k_aux=k_aux, aux_coefficient=aux_coefficient, l1=l1, l0=l0, lr=lr,
+                     beta1=beta1, beta2=beta2, lr_warmup_steps=lr_warmup_steps,
+                     lr_decay_frac=lr_decay_frac, grad_clip=grad_clip, resample=resample)
+        _train(single, store, out, hook, tokens, batch_size, device, seed, resume, overwrite,
+               checkpoint_every, log_every, wandb_project, normalize, config, arch, width,
+               expansion, param, resample_at, flags)
+
+    return command
+
+
+app.command("sweep", help="Train a grid (or a TOML list) of SAEs on the same batches in one "
+            "pass.")(_train_command(single=False))
+app.command("run", help="Train one SAE (the one-member case of `sweep`).")(
+    _train_command(single=True))
+
+
+# `train-sae eval` and `train-sae report` live in train_sae/cli_eval.py (evaluation and report)
+app.command("eval")(eval_command)
+app.command("report")(report_command)
+
+
+def main() -> None:
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`train-sae eval` and `train-sae report`: thin typer layers over train_sae.eval_sweep and
+train_sae.report (registered on the `train-sae` app in train_sae/cli.py).
+
+Both modules are imported inside the commands: eval_sweep pulls in transformer_lens (seconds)
+and report pulls in matplotlib, which `train-sae run`, `sweep` and `--help` never need; the
+trainer stays independent of the model (tests/test_train_cli.py checks this).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SweepPath = Annotated[Path, typer.Argument(
+    help="a sweep folder (--out of `train-sae sweep`) or one run folder inside it")]
+
+
+def eval_command(
+    path: SweepPath,
+    model: Annotated[str | None, typer.Option(
+        help="model to splice into: official name, HF folder, .gguf file or random:CONFIG.json "
+             "(default: the store's model)")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="hub dataset or local text/jsonl/parquet file or folder (default: the store's)")] = None,
+    text_column: Annotated[str | None, typer.Option(help="text column to tokenize")] = None,
+    token_column: Annotated[str | None, typer.Option(
+        help="column of pre-tokenized rows (instead of --text-column)")] = None,
+    split: Annotated[str | None, typer.Option(
+        help="dataset split (another split than the cached one is held out as a whole)")] = None,
+    context_size: Annotated[int | None, typer.Option(help="tokens per sequence")] = None,
+    bos: Annotated[bool | None, typer.Option(
+        help="prepend BOS to every sequence (default: as cached)")] = None,
+    drop_special: Annotated[bool | None, typer.Option(
+        help="leave BOS / padding positions clean and unscored (default: as cached)")] = None,
+    n_tokens: Annotated[int, typer.Option(
+        help="held-out tokens to evaluate on (rounded up to whole sequences)")] = 32_768,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda or cuda:N (default: cuda when available)")] = None,
+    ablation_mean: Annotated[str, typer.Option(
+        help="mean-ablation vector: 'store' (the store's mean activation) or 'eval' "
+             "(the mean over the evaluated tokens)")] = "store",
+) -> None:
+    """Splice each SAE into the model on held-out tokens: CE loss recovered, KL, L0, FVU.
+
+    Results go into each run's metrics.json under "eval" and are printed as a table.
+    Crosscoder members are skipped with a note (see train_sae.eval_sweep).
+    """
+    import torch
+
+    from train_sae.eval_sweep import EvalOptions, evaluate_path, format_table
+
+    opts = EvalOptions(model=model, dataset=dataset, text_column=text_column,
+                       token_column=token_column, split=split, context_size=context_size,
+                       prepend_bos=bos, drop_special=drop_special, n_tokens=n_tokens, batch_size=batch_size,
+                       device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                       mean_source=ablation_mean)
+    results = evaluate_path(path, opts)
+    first = next(iter(results.values()))
+    typer.echo(f"evaluated {len(results)} SAE(s) on {first['n_tokens']} next-token predictions: "
+               f"{first['tokens_source']}")
+    typer.echo(format_table(results))
+
+
+def report_command(path: SweepPath) -> None:
+    """Write SWEEP/report.md, SWEEP/pareto.png and SWEEP/density.png; print the table."""
+    from train_sae.report import write_report
+
+    files = write_report(path)
+    typer.echo(files.table)
+    typer.echo(f"report: {files.report}")
+    typer.echo(f"pareto plot: {files.pareto}")
+    if files.density is not None:
+        typer.echo(f"feature density: {files.density}")

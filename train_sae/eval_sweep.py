@@ -1,0 +1,307 @@
+"""`train-sae eval`: evaluate every finished member of a sweep (or one run) on held-out tokens.
+
+Defaults come from the store the sweep was trained on (sweep.json -> store manifest): the same
+model and the same token stream. Held-out tokens are the packed sequences that come right after
+the last sequence cached in the store, in that same deterministic stream (`start_sequence`); when
+the packing differs (another context size or BOS setting on the same source) the start is moved
+past every cached token; another split or dataset starts at its first sequence. The result of each
+member goes into its metrics.json under "eval".
+
+Crosscoder members are skipped (with a one-line note on stderr): splicing one means replacing every
+hook it reads at once, each with its own block of the reconstruction, and for model diffing in two
+models at the same time; that is left out. Their per-hook FVU, L0 and dead fraction come from
+training (metrics.json "final", shown by `train-sae report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from shared.errors import fail
+from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
+from shared.store import Manifest, Store, open_store
+from shared.tokens import TokenSpec, iter_token_batches
+from train_sae.crosscoder.saving import CFG_FILE as CROSSCODER_CFG
+from train_sae.evaluate import SpliceTarget, hook_means, splice_eval
+from train_sae.report import METRICS_FILE, SWEEP_FILE, member_folders
+from train_sae.saving import load_sae
+
+MEAN_SOURCES = ("store", "eval")
+_SOURCE_KEYS = ("dataset", "split", "text_column", "token_column")
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate on; every None falls back to the store's manifest."""
+
+    model: str | None = None
+    dataset: str | None = None
+    text_column: str | None = None
+    token_column: str | None = None
+    split: str | None = None
+    context_size: int | None = None
+    prepend_bos: bool | None = None
+    drop_special: bool | None = None
+    n_tokens: int = 32_768  # held-out tokens (rounded up to whole sequences)
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "cpu"
+    mean_source: str = "store"  # mean-ablation vector: the store's stats mean or the eval tokens'
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1:
+            fail(f"--n-tokens must be >= 1, got {self.n_tokens}")
+        if self.batch_size < 1:
+            fail(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.mean_source not in MEAN_SOURCES:
+            fail(f"--ablation-mean must be one of {', '.join(MEAN_SOURCES)}, got {self.mean_source!r}")
+        if self.context_size is not None and self.context_size < 2:
+            fail(f"--context-size must be >= 2 to score next tokens, got {self.context_size}")
+
+
+@dataclass
+class EvalMember:
+    name: str
+    folder: Path
+    target: SpliceTarget
+    model_name: str
+
+
+# --- finding what to evaluate -----------------------------------------------------------------
+def sweep_document(path: Path) -> dict[str, Any]:
+    """sweep.json of a sweep folder, or of the sweep a single run folder belongs to."""
+    for folder in (path, path.parent):
+        f = folder / SWEEP_FILE
+        if f.exists():
+            doc = json.loads(f.read_text())
+            if doc.get("status", "complete") != "complete":
+                fail(f"the sweep in {folder} is not finished; complete it with "
+                     "`train-sae sweep ... --resume` before evaluating")
+            return doc
+    return {}
+
+
+def is_crosscoder(folder: Path) -> bool:
+    """A run folder holding a crosscoder (train_sae/crosscoder/saving.py), not an SAE."""
+    try:
+        return json.loads((folder / CROSSCODER_CFG).read_text()).get("format") == "crosscoder"
+    except (OSError, json.JSONDecodeError):
+        return False  # load_sae names what is wrong with the folder
+
+
+def load_members(path: Path) -> tuple[list[EvalMember], list[str], list[str]]:
+    """Finished SAE members as splice targets, plus the names of the members skipped: failed
+    ones, and crosscoders (see the module docstring)."""
+    members, skipped, crosscoders = [], [], []
+    for folder in member_folders(path):
+        status = json.loads((folder / METRICS_FILE).read_text()).get("status")
+        if status != "done":
+            skipped.append(folder.name)
+            continue
+        if is_crosscoder(folder):
+            crosscoders.append(folder.name)
+            continue
+        sae, cfg = load_sae(folder)
+        meta = cfg.get("metadata", {})
+        hook = meta.get("hook_name") or cfg.get("hook_name")
+        if not hook:
+            fail(f"{folder}/cfg.json names no hook (metadata.hook_name); save the SAE again")
+        members.append(EvalMember(folder.name, folder, SpliceTarget(folder.name, hook, sae),
+                                  str(meta.get("model_name") or cfg.get("model_name") or "")))
+    if not members and crosscoders:
+        fail(f"nothing to evaluate under {path}: its finished members are crosscoders "
+             f"({', '.join(crosscoders)}), which eval cannot splice into the model; their "
+             f"per-hook FVU and L0 from training are in `train-sae report {path}`")
+    if not members:
+        fail(f"no finished SAE to evaluate under {path} (failed: {', '.join(skipped) or 'none'})")
+    return members, skipped, crosscoders
+
+
+def model_spec_from_manifest(manifest: Manifest) -> str | None:
+    """The --model that reloads the store's model: the embedded default (None), a path, or a name."""
+    source = manifest.model_info.get("source", {})
+    kind = source.get("kind")
+    if kind == "embedded":
+        return None
+    if kind == "random":
+        return f"random:{source['path']}"
+    if kind in ("hf", "gguf"):
+        return str(source["path"])
+    if kind == "hub":
+        return str(source["name"])
+    fail(f"cannot tell how to load the store's model {manifest.model!r}; pass --model")
+
+
+def resolve_model(opts: EvalOptions, manifest: Manifest | None) -> LoadedModel:
+    if opts.model is not None:
+        return load_model(opts.model, device=opts.device)
+    if manifest is None:
+        fail("the sweep's store is not available, so its model is unknown; pass --model")
+    return load_model(model_spec_from_manifest(manifest), device=opts.device)
+
+
+def resolve_tokens(opts: EvalOptions, manifest: Manifest | None) -> TokenSpec:
+    """The store's token stream, with any option the user gave replacing its value."""
+    base: dict[str, Any] = dict(manifest.dataset) if manifest is not None else {}
+    if opts.dataset is None and "dataset" not in base:
+        fail("the sweep's store is not available, so its token source is unknown; pass --dataset"
+             if manifest is None else
+             "the store was imported from activation files and records no token source; "
+             "pass --dataset (and --model) to evaluate on")
+    given = {"dataset": opts.dataset, "text_column": opts.text_column,
+             "token_column": opts.token_column, "split": opts.split,
+             "context_size": opts.context_size, "prepend_bos": opts.prepend_bos,
+             "drop_special": opts.drop_special}
+    merged = {**base, **{k: v for k, v in given.items() if v is not None}}
+    known = set(TokenSpec.__dataclass_fields__)
+    return TokenSpec(**{k: v for k, v in merged.items() if k in known})
+
+
+def _content_per_sequence(context_size: int, prepend_bos: bool) -> int:
+    return context_size - (1 if prepend_bos else 0)
+
+
+def held_out_start(spec: TokenSpec, store: Store | None) -> tuple[int, str]:
+    """First sequence of `spec`'s stream not cached in `store`, and a sentence saying why."""
+    where = f"{spec.dataset or 'the embedded Shakespeare text'} (split {spec.split!r})"
+    cached = store.manifest.dataset if store is not None else {}
+    if not cached or any(cached.get(k) != getattr(spec, k) for k in _SOURCE_KEYS):
+        return 0, f"sequences from the start of {where}, a different source from the cached one"
+    n_cached = last_cached_sequence(store) + 1
+    same_packing = (cached.get("context_size") == spec.context_size
+                    and cached.get("prepend_bos") == spec.prepend_bos)
+    if same_packing:
+        start = n_cached
+    else:  # rows are consecutive slices of one token stream: skip past every cached token
+        tokens = n_cached * _content_per_sequence(int(cached["context_size"]),
+                                                  bool(cached["prepend_bos"]))
+        start = -(-tokens // _content_per_sequence(spec.context_size, spec.prepend_bos))
+    return start, (f"held-out sequences from #{start} of {where}, right after the {n_cached} "
+                   "sequences cached in the store")
+
+
+def last_cached_sequence(store: Store) -> int:
+    """max(seq_index) over the store, read one chunk at a time."""
+    arr = store.array("seq_index")
+    step = store.manifest.chunk_rows
+    return max(int(arr[i:i + step].max()) for i in range(0, store.n_rows, step))
+
+
+# --- running it ---------------------------------------------------------------------------------
+def token_batches(spec: TokenSpec, tokenizer: Any, d_vocab: int, opts: EvalOptions, start: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    n_seq = -(-opts.n_tokens // spec.context_size)
+    batches = [(b.tokens, b.keep) for b in iter_token_batches(
+        spec, tokenizer, opts.batch_size, start_sequence=start, max_sequences=n_seq,
+        d_vocab=d_vocab)]
+    if not batches:
+        fail(f"the token source has no sequences of {spec.context_size} tokens from #{start} on "
+             "(the store cached all of it); pass --split or --dataset to evaluate on other text")
+    return batches
+
+
+def ablation_means(model: Any, hooks: list[str], store: Store | None, opts: EvalOptions,
+                   batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if opts.mean_source == "eval":
+        return hook_means(model, hooks, batches)
+    if store is None or any(h not in store.manifest.stats for h in hooks):
+        fail("the store's mean activations are not available; pass --ablation-mean eval")
+    return {h: torch.tensor(store.manifest.stats[h].mean, dtype=torch.float32) for h in hooks}
+
+
+def check_members(members: list[EvalMember], loaded: LoadedModel) -> None:
+    for m in members:
+        if m.model_name and m.model_name != loaded.spec:
+            fail(f"{m.name} was trained on activations of model {m.model_name!r}, but the model "
+                 f"to evaluate with is {loaded.spec!r}; pass the matching --model")
+    hooks = sorted({m.target.hook for m in members})
+    check_hooks(loaded.model, hooks)
+    dims = hook_dims(loaded.model, hooks)
+    for m in members:
+        if dims[m.target.hook] != m.target.sae.d_in:
+            fail(f"{m.name} takes d_in {m.target.sae.d_in}, but {m.target.hook} of this model has "
+                 f"{dims[m.target.hook]}; pass the matching --model")
+
+
+def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, Any]]:
+    """Evaluate every finished member under `path`; write each one's metrics.json "eval"."""
+    path = Path(path)
+    members, _, crosscoders = load_members(path)
+    if crosscoders:
+        print(f"note: skipping {len(crosscoders)} crosscoder member(s) ({', '.join(crosscoders)}): "
+              "eval splices single-hook SAEs only; their per-hook FVU and L0 from training are "
+              "in metrics.json and `train-sae report`", file=sys.stderr)
+    doc = sweep_document(path)
+    store = None
+    if doc.get("store") and Path(doc["store"]).exists():
+        store = open_store(doc["store"])
+    manifest = store.manifest if store is not None else None
+    spec = resolve_tokens(opts, manifest)
+    loaded = resolve_model(opts, manifest)
+    check_members(members, loaded)
+    check_context_size(loaded.model, spec.context_size)
+    start, source = held_out_start(spec, store)
+    batches = token_batches(spec, loaded.tokenizer, loaded.model.cfg.d_vocab, opts, start)
+    hooks = sorted({m.target.hook for m in members})
+    means = ablation_means(loaded.model, hooks, store, opts, batches)
+    for m in members:
+        m.target.sae.to(next(loaded.model.parameters()).device).float().eval()
+    n_scored = sum(int(keep[:, 1:].sum()) for _, keep in batches)
+    with tqdm(total=n_scored, desc="eval", unit="tok", disable=not opts.progress) as bar:
+        results = splice_eval(loaded.model, [m.target for m in members], batches, means,
+                              progress=bar.update)
+    n_seq = sum(t.shape[0] for t, _ in batches)
+    context = {
+        "model": loaded.spec, "dataset": _spec_dict(spec), "start_sequence": start,
+        "n_sequences": n_seq, "tokens_source": f"{source} ({n_seq} sequences)",
+        "mean_source": ("mean over the evaluated tokens" if opts.mean_source == "eval"
+                        else "the store's mean activation"),
+    }
+    for m in members:
+        results[m.name] = {**results[m.name], **context}
+        write_eval(m.folder, results[m.name])
+    return results
+
+
+def _spec_dict(spec: TokenSpec) -> dict[str, Any]:
+    return {k: getattr(spec, k) for k in TokenSpec.__dataclass_fields__}
+
+
+def write_eval(folder: Path, result: dict[str, Any]) -> None:
+    """Add `result` under "eval" in folder/metrics.json (atomically)."""
+    path = folder / METRICS_FILE
+    doc = json.loads(path.read_text())
+    doc["eval"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                   for k, v in result.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+EVAL_COLUMNS = (("l0", "L0"), ("fvu", "FVU"), ("ce_sae", "CE spliced"), ("ce_clean", "CE clean"),
+                ("ce_zero_ablation", "CE zero"), ("ce_mean_ablation", "CE mean"),
+                ("loss_recovered_zero", "rec. zero"), ("loss_recovered_mean", "rec. mean"),
+                ("kl", "KL"))
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Plain-text table of the eval results, one row per member."""
+    names = list(results)
+    width = max(len("member"), *(len(n) for n in names))
+    head = "member".ljust(width) + "".join(f"{label:>12}" for _, label in EVAL_COLUMNS)
+    rows = [head]
+    for n in names:
+        r = results[n]
+        rows.append(n.ljust(width) + "".join(
+            f"{r[k]:>12.4g}" if isinstance(r.get(k), float) else f"{'-':>12}"
+            for k, _ in EVAL_COLUMNS))
+    return "\n".join(rows)

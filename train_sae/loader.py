@@ -1,0 +1,368 @@
+"""Stream batches of activations out of a store, for training.
+
+The store's rows are already one uniformly random permutation of the cached tokens, so a
+contiguous block of rows is a random sample: the loader reads whole row chunks contiguously and
+never gathers single rows. One epoch is every chunk once, in a seeded chunk order, each chunk read
+from a seeded rotation point (so batches are cut differently in each epoch). Epochs are laid end
+to end as one stream of rows and batch i is rows [i * batch_size, (i + 1) * batch_size) of that
+stream, so batch i is a pure function of (store, hooks, batch_size, seed, i): a loader built with
+`start_batch=i` yields exactly the tail an uninterrupted one would have yielded from batch i, and
+every row appears exactly once in each epoch's span of the stream.
+
+Reading: local uncompressed stores are read by memory-mapping the chunk files (`Store.chunk_file`;
+every chunk file holds `chunk_rows` rows, the last one zero-padded); compressed stores go through
+the Zarr API, decoding each chunk once per visit. Every hook is read at the same rows, so row j of
+every hook in a batch is the same token. float16 and bfloat16 (stored as uint16 bits) are widened
+to float32, and rows are multiplied by `sqrt(d_in) / mean_norm` from the manifest statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.errors import UserError, fail
+from shared.store import STORAGE_DTYPES, Store, acts_path
+
+THREAD_NAME = "ActivationLoader"
+_POLL_S = 0.1  # how often a thread blocked on the queue checks for a stop request
+_OPEN_MAPS = 8  # memory-maps kept open per loader (each holds a file descriptor)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`n` contiguous store rows of row chunk `chunk`, starting `start` rows into that chunk."""
+
+    chunk: int
+    start: int
+    n: int
+
+
+class BatchPlan:
+    """Where the rows of batch i come from: the seeded epoch layout of the store's row chunks."""
+
+    def __init__(self, n_rows: int, chunk_rows: int, batch_size: int, seed: int):
+        self.n_rows, self.chunk_rows, self.batch_size, self.seed = (
+            n_rows, chunk_rows, batch_size, seed,
+        )
+        n_chunks = -(-n_rows // chunk_rows)
+        self.chunk_len = np.full(n_chunks, chunk_rows, dtype=np.int64)  # [n_chunks]
+        self.chunk_len[-1] = n_rows - (n_chunks - 1) * chunk_rows
+        self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk order [n_chunks], stream offset of each ordered chunk [n_chunks + 1],
+        rotation point of each chunk [n_chunks]) for one epoch."""
+        with self._lock:  # the producer thread and `ActivationLoader.batch` may both ask
+            layout = self._epochs.get(epoch)
+            if layout is None:
+                rng = np.random.default_rng([self.seed, epoch])
+                order = rng.permutation(len(self.chunk_len))
+                offsets = np.concatenate([[0], np.cumsum(self.chunk_len[order])])
+                rotation = rng.integers(0, self.chunk_len)
+                layout = self._epochs[epoch] = (order, offsets, rotation)
+                while len(self._epochs) > 2:
+                    self._epochs.popitem(last=False)
+            return layout
+
+    def segments(self, batch: int) -> list[Segment]:
+        """The contiguous store-row pieces that make up batch `batch`, in batch order."""
+        pos, left = batch * self.batch_size, self.batch_size
+        out: list[Segment] = []
+        while left > 0:
+            epoch, q = divmod(pos, self.n_rows)
+            order, offsets, rotation = self.epoch_layout(epoch)
+            k = int(np.searchsorted(offsets, q, side="right")) - 1
+            chunk = int(order[k])
+            length = int(self.chunk_len[chunk])
+            into = q - int(offsets[k])  # rows of this chunk already streamed
+            start = (int(rotation[chunk]) + into) % length
+            n = min(left, length - into, length - start)  # stop at the chunk end or wrap point
+            out.append(Segment(chunk, start, n))
+            pos, left = pos + n, left - n
+        return out
+
+
+class _MemmapReader:
+    """Rows of uncompressed local chunk files, through a small cache of open memory-maps."""
+
+    def __init__(self, store: Store, paths: dict[tuple[str, int], Path]):
+        self.store = store
+        self.dtype = STORAGE_DTYPES[store.manifest.dtype]
+        self._maps: OrderedDict[tuple[str, int], np.memmap] = OrderedDict()
+        self._paths = paths  # (hook, chunk) -> chunk file, shared by a loader's readers
+
+    def read(self, hook: str, seg: Segment) -> np.ndarray:
+        key = (hook, seg.chunk)
+        if key not in self._maps:
+            self._maps[key] = self._open(hook, seg.chunk)
+            while len(self._maps) > _OPEN_MAPS:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(key)
+        return self._maps[key][seg.start : seg.start + seg.n]
+
+    def _open(self, hook: str, chunk: int) -> np.memmap:
+        m = self.store.manifest
+        path = self._paths.get((hook, chunk))
+        if path is None:  # Store.chunk_file asks Zarr for the array's shape: keep its answer
+            path = self._paths[(hook, chunk)] = self.store.chunk_file(acts_path(hook), chunk)
+        shape = (m.chunk_rows, m.d_in[hook])  # every chunk file is full size, the last one padded
+        expected = math.prod(shape) * self.dtype.itemsize
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            fail(
+                f"chunk file {path} (hook {hook!r}, row chunk {chunk}) is missing: the store at "
+                f"{self.store.path} is damaged; recreate it with `cache-acts run --overwrite`"
+            )
+        if size != expected:
+            fail(
+                f"chunk file {path} has {size} bytes, expected {expected}: the store at "
+                f"{self.store.path} is damaged or compressed without saying so in its manifest; "
+                "recreate it with `cache-acts run --overwrite`"
+            )
+        return np.memmap(path, dtype=self.dtype, mode="r", shape=shape)
+
+
+class _ZarrReader:
+    """Rows of a (compressed) store through the Zarr API, decoding each chunk once per visit."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._chunk: dict[str, tuple[int, np.ndarray]] = {}  # hook -> (chunk, its decoded rows)
+
+    def read(self, hook: str, seg: Segment) -> np.ndarray:
+        cached = self._chunk.get(hook)
+        if cached is None or cached[0] != seg.chunk:
+            rows = self.store.manifest.chunk_rows
+            lo = seg.chunk * rows
+            hi = min(lo + rows, self.store.n_rows)
+            try:
+                data = np.asarray(self.store.acts(hook)[lo:hi])
+            except Exception as e:  # noqa: BLE001 - any failure to decode is a damaged store
+                raise UserError(
+                    f"cannot read rows {lo}-{hi} of hook {hook!r} from {self.store.path} ({e}); "
+                    "the store is damaged: recreate it with `cache-acts run --overwrite`"
+                ) from e
+            cached = self._chunk[hook] = (seg.chunk, data)
+        return cached[1][seg.start : seg.start + seg.n]
+
+
+def _decode_into(src: np.ndarray, dst: np.ndarray, dtype: str, scale: float) -> None:
+    """dst [n, d_in] float32 = src [n, d_in] (stored as `dtype`) widened exactly, times `scale`.
+
+    numpy rather than torch: one single-threaded pass that leaves torch's thread pool to the
+    trainer on the consumer side.
+    """
+    factor = np.float32(scale)
+    if dtype == "bfloat16":  # a bfloat16 is the upper 16 bits of a float32
+        np.left_shift(src, np.uint32(16), out=dst.view(np.uint32))
+        if scale != 1.0:
+            np.multiply(dst, factor, out=dst)
+    elif scale != 1.0:
+        np.multiply(src, factor, out=dst)  # computed in float32 (NEP 50: float32 scalar)
+    else:
+        np.copyto(dst, src)
+
+
+@dataclass
+class _Failure:
+    """An exception raised on the producer thread, handed to the consumer to re-raise."""
+
+    error: BaseException
+
+
+class ActivationLoader:
+    """Batches {hook: [batch_size, d_in] float32 on `device`, scaled} from a store.
+
+    Batches `start_batch .. n_batches - 1` are built on one background thread and handed over
+    through a queue of at most `prefetch` batches, so host memory stays below
+    `(prefetch + 2) * batch_size * sum(d_in) * 4` bytes (queued batches, one being built, one
+    held by the consumer, plus any the consumer keeps) whatever the store's size; a compressed store adds one decoded row chunk
+    per hook (`chunk_rows * d_in * itemsize`). Memory-mapped pages are the OS page cache's.
+    On CUDA, batches are built in pinned memory and copied with `non_blocking=True`.
+
+    Iterating again continues after the last batch handed out (`len()` counts what is left).
+    The thread stops when the consumer's loop ends, breaks, raises, or drops the iterator, or on
+    `close()`; an error on the thread is re-raised in the consumer. If `batch_size` does not
+    divide the store's rows, a batch at an epoch boundary holds the end of one epoch and the
+    start of the next.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        hooks: list[str],
+        batch_size: int,
+        n_batches: int,
+        seed: int = 0,
+        device: str = "cpu",
+        start_batch: int = 0,
+        normalize: bool = True,
+        prefetch: int = 4,
+    ):
+        m = store.manifest
+        if not hooks:
+            fail(f"no hooks to load; choose from: {', '.join(m.hooks)}")
+        if len(set(hooks)) != len(hooks):
+            fail(f"hooks are listed twice in {hooks}; name each hook once")
+        for hook in hooks:
+            store.check_hook(hook)
+        if not 1 <= batch_size <= m.n_rows:
+            fail(
+                f"batch size must be between 1 and the store's {m.n_rows} rows (got {batch_size}); "
+                "choose a smaller batch size or cache more tokens"
+            )
+        if n_batches < 0:
+            fail(f"the number of batches must be >= 0 (got {n_batches})")
+        if not 0 <= start_batch <= n_batches:
+            fail(f"start batch {start_batch} is outside 0..{n_batches}; resume from a batch in range")
+        if prefetch < 1:
+            fail(f"prefetch must be >= 1 batch (got {prefetch})")
+        self.device = _check_device(device)
+        self.store, self.hooks = store, list(hooks)
+        self.batch_size, self.n_batches, self.seed = batch_size, n_batches, seed
+        self.prefetch, self.normalize = prefetch, normalize
+        self.scales: dict[str, float] = {h: _scale(store, h) if normalize else 1.0 for h in hooks}
+        self.plan = BatchPlan(m.n_rows, m.chunk_rows, batch_size, seed)
+        self._pin = self.device.type == "cuda"
+        self._next = start_batch
+        self._stops: list[threading.Event] = []
+        self._chunk_files: dict[tuple[str, int], Path] = {}
+
+    def __len__(self) -> int:
+        return self.n_batches - self._next
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        first = self._next
+        handoff: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader = self._reader()
+        thread = threading.Thread(
+            target=self._produce, args=(reader, first, handoff, stop), name=THREAD_NAME, daemon=True
+        )
+        self._stops.append(stop)
+        thread.start()
+        try:
+            for i in range(first, self.n_batches):
+                item = _get(handoff, stop, thread)
+                if item is None:  # close() was called
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                if self.device.type != "cpu":
+                    item = {h: x.to(self.device, non_blocking=True) for h, x in item.items()}
+                self._next = i + 1
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue, then wait
+                try:
+                    handoff.get(timeout=_POLL_S)
+                except queue.Empty:
+                    pass
+            thread.join()
+            self._stops.remove(stop)
+
+    def close(self) -> None:
+        """Ask every running producer thread of this loader to stop."""
+        for stop in list(self._stops):
+            stop.set()
+
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        """Batch i on the host (pinned for CUDA), built synchronously on the calling thread."""
+        return self._build(i, self._reader())
+
+    def _reader(self) -> _MemmapReader | _ZarrReader:
+        if self.store.memmappable():
+            return _MemmapReader(self.store, self._chunk_files)
+        return _ZarrReader(self.store)
+
+    def _build(self, i: int, reader: _MemmapReader | _ZarrReader) -> dict[str, torch.Tensor]:
+        dtype = self.store.manifest.dtype
+        segments = self.plan.segments(i)
+        out: dict[str, torch.Tensor] = {}
+        for hook in self.hooks:
+            d_in = self.store.manifest.d_in[hook]
+            x = torch.empty(self.batch_size, d_in, dtype=torch.float32, pin_memory=self._pin)
+            x_np, row = x.numpy(), 0  # [batch, d_in] float32, shares memory with x
+            for seg in segments:
+                _decode_into(reader.read(hook, seg), x_np[row : row + seg.n], dtype, self.scales[hook])
+                row += seg.n
+            out[hook] = x
+        return out
+
+    def _produce(
+        self, reader: _MemmapReader | _ZarrReader, first: int, handoff: queue.Queue,
+        stop: threading.Event,
+    ) -> None:
+        try:
+            for i in range(first, self.n_batches):
+                if stop.is_set():
+                    return
+                if not _put(handoff, self._build(i, reader), stop):
+                    return
+        except BaseException as e:  # noqa: BLE001 - every failure is re-raised in the consumer
+            _put(handoff, _Failure(e), stop)
+
+
+def _get(handoff: queue.Queue, stop: threading.Event, thread: threading.Thread) -> object:
+    """The next item from the producer, or None once the loader was closed (even with batches
+    still queued)."""
+    while True:
+        if stop.is_set():
+            return None
+        try:
+            return handoff.get(timeout=_POLL_S)
+        except queue.Empty:
+            if stop.is_set():
+                return None
+            if not thread.is_alive() and handoff.empty():
+                raise RuntimeError("the loader thread ended without handing over a batch") from None
+
+
+def _put(handoff: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put `item` unless asked to stop first; True when it was put."""
+    while not stop.is_set():
+        try:
+            handoff.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _scale(store: Store, hook: str) -> float:
+    # Anthropic April 2024 update: scale inputs so that E||x|| = sqrt(d_in) (seed 004).
+    stats = store.manifest.stats.get(hook)
+    if stats is None or not stats.mean_norm > 0:
+        fail(
+            f"store {store.path} has no mean-norm statistic for hook {hook!r}, needed to scale "
+            "activations; recreate the store with `cache-acts run` or pass --no-normalize"
+        )
+    return math.sqrt(store.manifest.d_in[hook]) / stats.mean_norm
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        fail(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
