@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The main command for a new user: sets up .venv, caches the embedded default (SmolLM2-135M-Instruct
+# on Shakespeare's plays, middle-layer residual stream, no hub needed), trains a sweep of 3 TopK and
+# 3 ReLU+L1 SAEs in ONE pass over that store, evaluates each one spliced into the model on
+# held-out Shakespeare, and writes the sweep report with its Pareto plot.
+# About 10-15 minutes on a 2-core CPU (see the README); a GPU is used when there is one.
+# BOS / separator positions are not cached (--drop-special): their huge residual norms would
+# dominate the reconstruction loss; the evaluation leaves them unspliced likewise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash pipelines/setup.sh
+export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
+
+OUT=runs/demo
+mkdir -p "$OUT"
+echo "== 1/4 cache activations (embedded default) -> $OUT/store"
+.venv/bin/cache-acts run --out "$OUT/store" --tokens 48k --batch-size 16 --drop-special --overwrite
+
+echo "== 2/4 train 6 SAEs in one pass -> $OUT/sweep"
+.venv/bin/train-sae sweep --store "$OUT/store" --out "$OUT/sweep" --overwrite \
+  --arch topk,relu --k 16,32,64 --l1 0.5,1,2 --expansion 4 --batch-size 256 --log-every 10
+
+echo "== 3/4 evaluate on held-out Shakespeare (SAE spliced into the model)"
+.venv/bin/train-sae eval "$OUT/sweep" --n-tokens 2048
+
+echo "== 4/4 report"
+.venv/bin/train-sae report "$OUT/sweep"
+echo
+echo "report:      $OUT/sweep/report.md"
+echo "Pareto plot: $OUT/sweep/pareto.png"

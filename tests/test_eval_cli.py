@@ -1,0 +1,210 @@
+"""`train-sae eval` end to end: cache a tiny random model, train a sweep, evaluate, check numbers."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+
+from cache_acts.run import RunConfig, run_cache
+from shared.errors import UserError, run_cli
+from shared.models import load_model
+from shared.store import open_store
+from shared.tokens import TokenSpec, iter_token_batches
+from train_sae.cli import app as train_app
+from train_sae.eval_sweep import EvalOptions, evaluate_path, held_out_start
+from train_sae.saving import load_sae
+
+VOCAB = 48
+CTX = 16
+CACHED = 24  # sequences cached; the eval reads the ones after them
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
+
+
+def _model_json(path: Path, seed: int) -> Path:
+    cfg = {"n_layers": 2, "d_model": 16, "n_ctx": 32, "d_head": 4, "n_heads": 4, "d_mlp": 32,
+           "d_vocab": VOCAB, "act_fn": "gelu", "normalization_type": "LN", "seed": seed}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evalcli")
+    model = _model_json(root / "model.json", seed=5)
+    g = torch.Generator().manual_seed(0)
+    data = root / "data.jsonl"
+    with data.open("w") as f:
+        for _ in range(40):
+            n = int(torch.randint(5, 30, (1,), generator=g))
+            f.write(json.dumps({"ids": torch.randint(1, VOCAB, (n,), generator=g).tolist()}) + "\n")
+    spec = TokenSpec(dataset=str(data), token_column="ids", context_size=CTX, prepend_bos=False)
+    store = root / "store"
+    run_cache(RunConfig(out=store, tokens=spec, model=f"random:{model}",
+                        hooks=[HOOKS[1], HOOKS[0]], max_tokens=CACHED * CTX,
+                        batch_size=8, chunk_rows=128))
+    out = root / "sweep"
+    typer_app = typer.main.get_command(train_app)
+    typer_app.main(["sweep", "--store", str(store), "--out", str(out), "--arch", "topk,relu",
+                    "--hook", HOOKS[1], "--k", "4", "--l1", "1e-3", "--width", "32",
+                    "--batch-size", "64", "--device", "cpu", "--log-every", "2"],
+                   standalone_mode=False)
+    # both hooks: a topk SAE per hook and one crosscoder reading both
+    mixed = root / "mixed"
+    typer_app.main(["sweep", "--store", str(store), "--out", str(mixed), "--hook", "all",
+                    "--arch", "topk,crosscoder_topk", "--k", "4", "--width", "32",
+                    "--batch-size", "64", "--device", "cpu", "--log-every", "2"],
+                   standalone_mode=False)
+    return {"root": root, "model": model, "data": data, "store": store, "out": out,
+            "mixed": mixed}
+
+
+def _cli(*args: str) -> None:
+    """`train-sae ARGS` in this process, through the real app and its error handling."""
+    run_cli(partial(train_app, list(args)))
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_eval_writes_metrics_matching_plain_transformer_lens(sweep, capsys):
+    _cli("eval", str(sweep["out"]), "--model", f"random:{sweep['model']}", "--n-tokens", "160",
+         "--batch-size", "4", "--device", "cpu")
+    printed = capsys.readouterr().out
+    store = open_store(sweep["store"])
+    n_cached = int(store.array("seq_index")[:].max()) + 1
+    members = sorted(p.parent for p in sweep["out"].glob("*/metrics.json"))
+    assert len(members) == 2 and all(m.name in printed for m in members)
+    loaded = load_model(f"random:{sweep['model']}")
+    spec = TokenSpec(dataset=str(sweep["data"]), token_column="ids", context_size=CTX,
+                     prepend_bos=False)
+    held = torch.cat([b.tokens for b in iter_token_batches(spec, None, 100, n_cached, 10)])
+    assert held.shape == (10, CTX)  # 160 tokens = 10 sequences after the cached ones
+    clean = F.cross_entropy(loaded.model(held)[:, :-1].reshape(-1, VOCAB), held[:, 1:].reshape(-1))
+    mean = torch.tensor(store.manifest.stats["blocks.1.hook_resid_pre"].mean)
+    for folder in members:
+        ev = json.loads((folder / "metrics.json").read_text())["eval"]
+        sae, _ = load_sae(folder)
+        hook = "blocks.1.hook_resid_pre"
+        logits = loaded.model.run_with_hooks(held, fwd_hooks=[(hook, lambda a, hook, s=sae: s(a))])
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), held[:, 1:].reshape(-1))
+        mean_logits = loaded.model.run_with_hooks(
+            held, fwd_hooks=[(hook, lambda a, hook: mean.expand_as(a))])
+        ce_mean = F.cross_entropy(mean_logits[:, :-1].reshape(-1, VOCAB), held[:, 1:].reshape(-1))
+        assert ev["start_sequence"] == n_cached and ev["n_sequences"] == 10
+        assert ev["n_tokens"] == 10 * (CTX - 1)
+        assert ev["ce_clean"] == pytest.approx(float(clean), abs=1e-5)
+        assert ev["ce_sae"] == pytest.approx(float(ce), abs=1e-5)
+        assert ev["ce_mean_ablation"] == pytest.approx(float(ce_mean), abs=1e-5)
+        lr = (ev["ce_zero_ablation"] - ev["ce_sae"]) / (ev["ce_zero_ablation"] - ev["ce_clean"])
+        assert ev["loss_recovered_zero"] == pytest.approx(lr)
+        assert ev["model"] == loaded.spec and "after the" in ev["tokens_source"]
+        if folder.name.startswith("topk"):
+            assert ev["l0"] == pytest.approx(4.0)
+        assert 0 < ev["fvu"] < 1.5 and ev["kl"] > 0
+    # the report picks the eval up: second panel and eval columns
+    _cli("report", str(sweep["out"]))
+    text = (sweep["out"] / "report.md").read_text()
+    assert "loss rec. (zero)" in text and "held-out sequences from #" in text
+
+
+def test_eval_defaults_come_from_the_store(sweep):
+    """No options: model and token stream from the manifest; mean over eval tokens differs."""
+    res = evaluate_path(sweep["out"], EvalOptions(n_tokens=64, batch_size=4, progress=False,
+                                                  mean_source="eval"))
+    again = evaluate_path(sweep["out"], EvalOptions(n_tokens=64, batch_size=4, progress=False))
+    for name, r in res.items():
+        assert r["ce_clean"] == again[name]["ce_clean"] and r["ce_sae"] == again[name]["ce_sae"]
+        assert r["ce_mean_ablation"] != again[name]["ce_mean_ablation"]
+        assert r["mean_source"] == "mean over the evaluated tokens"
+    # one run folder of the sweep on its own: same numbers for that member
+    name = sorted(res)[0]
+    one = evaluate_path(sweep["out"] / name, EvalOptions(n_tokens=64, batch_size=4, progress=False))
+    assert list(one) == [name] and one[name]["ce_sae"] == again[name]["ce_sae"]
+
+
+def test_eval_refuses_another_model(sweep, capsys):
+    other = _model_json(sweep["root"] / "other.json", seed=6)
+    with pytest.raises(SystemExit) as e:
+        _cli("eval", str(sweep["out"]), "--model", f"random:{other}", "--device", "cpu")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained on activations of model" in err[0]
+    assert "pass the matching --model" in err[0]
+
+
+def test_eval_errors(sweep, tmp_path):
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"ids": [1, 2, 3]}) + "\n")
+    with pytest.raises(UserError, match="no sequences of 16 tokens from #0"):
+        evaluate_path(sweep["out"], EvalOptions(dataset=str(tiny), progress=False))
+    with pytest.raises(UserError, match="context"):
+        evaluate_path(sweep["out"], EvalOptions(context_size=64, progress=False))
+    with pytest.raises(UserError, match="--n-tokens"):
+        EvalOptions(n_tokens=0)
+    with pytest.raises(UserError, match="--ablation-mean"):
+        EvalOptions(mean_source="median")
+    with pytest.raises(UserError, match="not a folder"):
+        evaluate_path(tmp_path / "nope", EvalOptions())
+
+
+def test_held_out_start_moves_past_cached_tokens(sweep):
+    store = open_store(sweep["store"])
+    n_cached = int(store.array("seq_index")[:].max()) + 1
+    same = TokenSpec(**store.manifest.dataset)
+    assert held_out_start(same, store)[0] == n_cached
+    # twice the context: half as many sequences cover the cached tokens (rounded up)
+    longer = TokenSpec(**{**store.manifest.dataset, "context_size": 2 * CTX})
+    assert held_out_start(longer, store)[0] == -(-n_cached // 2)
+    # BOS takes one slot: (CTX - 1) new tokens per sequence
+    bos = TokenSpec(**{**store.manifest.dataset, "prepend_bos": True})
+    assert held_out_start(bos, store)[0] == -(-n_cached * CTX // (CTX - 1))
+    other = TokenSpec(**{**store.manifest.dataset, "split": "test"})
+    start, why = held_out_start(other, store)
+    assert start == 0 and "different source" in why
+
+
+def test_eval_skips_crosscoders_with_a_note(sweep, capsys):
+    mixed = sweep["mixed"]
+    cc = next(p for p in mixed.iterdir() if p.name.startswith("crosscoder_topk"))
+    cc_metrics = (cc / "metrics.json").read_bytes()
+    _cli("eval", str(mixed), "--n-tokens", "64", "--batch-size", "4", "--device", "cpu")
+    captured = capsys.readouterr()
+    notes = [ln for ln in captured.err.splitlines() if ln.startswith("note:")]
+    assert notes == [notes[0]] and "skipping 1 crosscoder member(s)" in notes[0]
+    assert cc.name in notes[0] and cc.name not in captured.out
+    assert (cc / "metrics.json").read_bytes() == cc_metrics, "the crosscoder is left untouched"
+    saes = sorted(p for p in mixed.iterdir() if p.is_dir() and p != cc)
+    assert [p.name.split("--")[0] for p in saes] == HOOKS
+    for folder in saes:
+        ev = json.loads((folder / "metrics.json").read_text())["eval"]
+        assert ev["l0"] == pytest.approx(4.0) and 0 < ev["fvu"] < 1.5
+        # the same numbers as evaluating that SAE's folder on its own
+        alone = evaluate_path(folder, EvalOptions(n_tokens=64, batch_size=4, progress=False))
+        assert alone[folder.name]["ce_sae"] == pytest.approx(ev["ce_sae"], abs=1e-6)
+    # the report of the evaluated mixed sweep: eval columns for the SAEs, per-hook FVU and the
+    # model-diffing view for the crosscoder (two hooks)
+    _cli("report", str(mixed))
+    capsys.readouterr()
+    text = (mixed / "report.md").read_text()
+    final = json.loads(cc_metrics)["final"]
+    row = next(ln for ln in text.splitlines() if ln.startswith(f"| {cc.name} |"))
+    assert f"{HOOKS[1]} {final['fvu/' + HOOKS[1]]:.4g}, {HOOKS[0]} {final['fvu/' + HOOKS[0]]:.4g}" \
+        in row
+    assert f"![relative decoder norms of {cc.name}]({cc.name}/relative_norms.png)" in text
+    assert (cc / "relative_norms.png").exists() and "loss rec. (zero)" in text
+    # only crosscoders: one line, exit code 2, naming the crosscoder and where its numbers are
+    with pytest.raises(SystemExit) as e:
+        _cli("eval", str(cc), "--device", "cpu")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: nothing to evaluate")
+    assert cc.name in err[0] and "train-sae report" in err[0]

@@ -1,0 +1,249 @@
+"""Sweep report: Pareto frontier on hand-made points, report.md contents, plots written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from shared.errors import UserError
+from train_sae.report import load_members, markdown_table, pareto_front, write_report
+
+
+def test_pareto_front_lower_is_better():
+    l0 = [10, 20, 5, 40, 20, 80]
+    fvu = [0.3, 0.1, 0.5, 0.2, 0.1, 0.05]
+    # (40, 0.2) is beaten by (20, 0.1); (20, 0.1) twice: both kept
+    assert pareto_front(l0, fvu, higher_is_better=False) == [2, 0, 1, 4, 5]
+
+
+def test_pareto_front_higher_is_better_and_nan():
+    l0 = [10, 20, 30, 15, math.nan]
+    rec = [0.5, 0.9, 0.8, 0.5, 0.99]
+    # 30 -> 0.8 is beaten by 20 -> 0.9; 15 -> 0.5 by 10 -> 0.5; NaN is never on the frontier
+    assert pareto_front(l0, rec, higher_is_better=True) == [0, 1]
+    assert pareto_front([], [], True) == []
+
+
+def _member(root: Path, name: str, arch: str, hp: dict, l0: float, fvu: float,
+            status: str = "done", eval_: dict | None = None, seed: int = 0) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    m = {"name": name, "arch": arch, "hook": "blocks.0.hook_resid_post", "d_in": 8, "d_sae": 32,
+         "hyperparameters": {"width": 32, "lr": 1e-3, **hp}, "status": status,
+         "failure": "loss became nan at step 7" if status == "failed" else None,
+         "tokens": 4096, "steps": 16,
+         "final": {} if status == "failed" else {"l0": l0, "mse": 0.1, "fvu": fvu, "cos_sim": 0.9,
+                                                  "l2_ratio": 0.95, "dead_fraction": 0.25,
+                                                  "dense_fraction": 0.0}}
+    if eval_:
+        m["eval"] = eval_
+    (d / "metrics.json").write_text(json.dumps(m))
+    if status == "done":
+        g = torch.Generator().manual_seed(seed)
+        dens = torch.rand(32, generator=g) * 3 - 4
+        dens[:8] = math.log10(1e-10)  # 8 dead latents
+        save_file({"sparsity": dens}, str(d / "sparsity.safetensors"))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    _member(root, "topk-k4", "topk", {"k": 4}, 4.0, 0.4)
+    _member(root, "topk-k8", "topk", {"k": 8}, 8.0, 0.2, seed=1)
+    _member(root, "relu-l1-1e-3", "relu", {"l1_coefficient": 1e-3}, 12.0, 0.3, seed=2)
+    _member(root, "relu-l1-1e6", "relu", {"l1_coefficient": 1e6}, 0, 0, status="failed")
+    (root / "sweep.json").write_text(json.dumps({
+        "members": ["topk-k4", "topk-k8", "relu-l1-1e-3", "relu-l1-1e6"],
+        "store": "/data/store", "hook": "blocks.0.hook_resid_post"}))
+    return root
+
+
+def _add_eval(root: Path, name: str, l0: float, rec: float) -> None:
+    p = root / name / "metrics.json"
+    m = json.loads(p.read_text())
+    m["eval"] = {"l0": l0, "fvu": 0.3, "loss_recovered_zero": rec, "loss_recovered_mean": rec - 0.1,
+                 "kl": 0.05, "ce_sae": 3.1, "ce_clean": 3.0, "n_tokens": 508,
+                 "tokens_source": "sequences 40..43 of the cached stream"}
+    p.write_text(json.dumps(m))
+
+
+def _rows(text: str) -> list[list[str]]:
+    """Markdown table lines -> cells (header first, separator dropped)."""
+    return [[c.strip() for c in ln.strip().strip("|").split("|")]
+            for ln in text.splitlines() if ln.startswith("| ")]
+
+
+def _png_size(p: Path) -> tuple[int, int]:
+    with Image.open(p) as im:
+        return im.size
+
+
+def test_report_without_eval(sweep: Path):
+    files = write_report(sweep)
+    text = files.report.read_text()
+    rows = _rows(text)
+    assert rows[0][:6] == ["member", "arch", "width", "k", "l1_coefficient", "status"]
+    assert "loss rec. (zero)" not in rows[0]
+    assert [r[0] for r in rows[1:]] == ["topk-k4", "topk-k8", "relu-l1-1e-3", "relu-l1-1e6"]
+    row = {r[0]: r for r in rows[1:]}
+    # topk-k8 (L0 8, FVU 0.2) beats relu (L0 12, FVU 0.3): relu is off the frontier
+    assert row["topk-k8"][-1] == "FVU" and row["relu-l1-1e-3"][-1] == ""
+    assert row["topk-k4"][3:8] == ["4", "-", "done", "4", "0.4"]
+    assert row["relu-l1-1e-3"][3:5] == ["-", "0.001"]
+    assert "**failed**: loss became nan at step 7" in row["relu-l1-1e6"]
+    assert "- shared hyperparameters: lr=0.001" in text
+    assert "1 failed: relu-l1-1e6" in text and "Not evaluated yet" in text
+    assert "`/data/store`" in text
+    assert files.table in text
+    w1, _ = _png_size(files.pareto)
+    assert files.density is not None and _png_size(files.density)[0] > 400
+    # one panel only before eval; two after
+    for name, l0, rec in (("topk-k4", 4.5, 0.7), ("topk-k8", 9.0, 0.95), ("relu-l1-1e-3", 11.0, 0.9)):
+        _add_eval(sweep, name, l0, rec)
+    files = write_report(sweep)
+    assert _png_size(files.pareto)[0] > 1.6 * w1
+    text = files.report.read_text()
+    rows = _rows(text)
+    assert rows[0][-7:] == ["eval L0", "eval FVU", "loss rec. (zero)", "loss rec. (mean)", "KL",
+                            "CE spliced", "frontier"]
+    relu = {r[0]: r for r in rows}["relu-l1-1e-3"]
+    assert relu[-7:] == ["11", "0.3", "0.9", "0.8", "0.05", "3.1", ""]  # (11, .9) < (9, .95)
+    assert {r[0]: r for r in rows}["topk-k8"][-1] == "FVU, loss"
+    assert "sequences 40..43 of the cached stream" in text
+
+
+def test_density_histogram_counts_dead(sweep: Path, monkeypatch):
+    titles: list[str] = []
+    import matplotlib.axes
+
+    orig = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, t, *a, **k: (titles.append(t), orig(self, t, *a, **k))[1])
+    write_report(sweep)
+    assert sum("dead 25.0%" in t for t in titles) == 3  # 8 of 32, failed member skipped
+
+
+def test_markdown_table_marks_loss_frontier_only_when_evaluated(sweep: Path):
+    rows = _rows(markdown_table(load_members(sweep)))
+    assert [r[-1] for r in rows[1:]] == ["FVU", "FVU", "", "-"]
+
+
+def test_report_errors(tmp_path: Path):
+    with pytest.raises(UserError, match="not a folder"):
+        write_report(tmp_path / "missing")
+    with pytest.raises(UserError, match="no run folders"):
+        write_report(tmp_path)
+    bad = tmp_path / "s" / "m"
+    bad.mkdir(parents=True)
+    (bad / "metrics.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        write_report(tmp_path / "s")
+
+
+def _crosscoder(root: Path, name: str, hooks: list[str], l0: float, fvus: list[float],
+                counts: tuple[int, int, int] | None) -> None:
+    """A finished crosscoder's folder as `train-sae sweep` writes it (metrics.json, sparsity,
+    and for two hooks the relative-norm summary and histogram)."""
+    d = root / name
+    d.mkdir(parents=True)
+    final = {"l0": l0, "fvu": sum(fvus) / len(fvus), "dead_fraction": 0.125,
+             "dense_fraction": 0.0, **{f"fvu/{h}": v for h, v in zip(hooks, fvus, strict=True)}}
+    m = {"name": name, "arch": "crosscoder", "hook": None, "hooks": hooks, "d_in": 16, "d_sae": 64,
+         "hyperparameters": {"width": 64, "lr": 1e-3, "l1_coefficient": 0.1}, "status": "done",
+         "failure": None, "tokens": 4096, "steps": 16, "final": final}
+    if counts is not None:
+        m["relative_norms"] = {"hooks": hooks, "labels": ["base", "chat"], "only_a": counts[0],
+                               "shared": counts[1], "only_b": counts[2], "zero": 0, "n_latents": 64,
+                               "bins": {"only_a": "< 0.1", "shared": "0.3..0.7", "only_b": "> 0.9"}}
+        Image.new("RGB", (60, 40), "white").save(d / "relative_norms.png")
+    (d / "metrics.json").write_text(json.dumps(m))
+    save_file({"sparsity": torch.full((64,), -2.0)}, str(d / "sparsity.safetensors"))
+
+
+def _labelled_points(monkeypatch) -> list[list[dict[str, Any]]]:
+    """Patch Figure.savefig to record each saved figure (pareto.png first): per axes, its
+    texts' display boxes (the point labels) and its frame."""
+    import matplotlib.figure
+
+    seen: list[list[dict[str, Any]]] = []
+    orig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *a, **k):
+        r = fig.canvas.get_renderer()
+        seen.append([{"frame": ax.get_window_extent(r), "title": ax.get_title(),
+                      "labels": {t.get_text(): t.get_window_extent(r) for t in ax.texts}}
+                     for ax in fig.axes])
+        return orig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+PAIR = ["base/blocks.0.hook_resid_post", "chat/blocks.0.hook_resid_post"]
+
+
+def test_report_with_crosscoders(sweep: Path, monkeypatch):
+    # L0 2 and FVU 0.1 would beat every SAE: crosscoders must stay off the frontiers and plot
+    _crosscoder(sweep, "crosscoder-w64", PAIR, 2.0, [0.05, 0.15], (10, 20, 5))
+    _crosscoder(sweep, "crosscoder-3hooks", ["a", "b", "c"], 3.0, [0.1, 0.2, 0.3], None)
+    panels = _labelled_points(monkeypatch)
+    files = write_report(sweep)
+    rows = {r[0]: r for r in _rows(files.table)}
+    head = rows["member"]
+    col = head.index("FVU per hook")
+    assert head[col - 4:] == ["L0", "FVU", "dead", "dense", "FVU per hook", "frontier"]
+    assert rows["crosscoder-w64"][col] == "base 0.05, chat 0.15"
+    assert rows["crosscoder-3hooks"][col] == "a 0.1, b 0.2, c 0.3"
+    assert rows["topk-k4"][col] == "-"
+    cc = rows["crosscoder-w64"]
+    assert [cc[head.index(k)] for k in ("L0", "FVU", "dead", "frontier")] == ["2", "0.1", "0.125", ""]
+    assert rows["topk-k4"][-1] == "FVU" and rows["topk-k8"][-1] == "FVU"
+    text = files.report.read_text()
+    assert "## Model diffing: relative decoder norms" in text
+    assert "- only base (< 0.1): 10, shared (0.3..0.7): 20, only chat (> 0.9): 5 of 64 latents" in text
+    assert "![relative decoder norms of crosscoder-w64](crosscoder-w64/relative_norms.png)" in text
+    assert "crosscoder-3hooks/relative_norms" not in text  # three hooks: no diffing view
+    assert "not on the Pareto plot" in text
+    (panel,) = panels[0]
+    assert sorted(panel["labels"]) == ["relu-l1-1e-3", "topk-k4", "topk-k8"]
+    assert panel["title"].endswith("(crosscoders not shown)")
+    # one run folder on its own: the image link is relative to that folder's report.md
+    alone = write_report(sweep / "crosscoder-w64").report.read_text()
+    assert "](relative_norms.png)" in alone
+
+
+def test_report_of_crosscoders_only(tmp_path: Path, monkeypatch):
+    _crosscoder(tmp_path / "s", "cc", PAIR, 2.0, [0.05, 0.15], (10, 20, 5))
+    panels = _labelled_points(monkeypatch)
+    files = write_report(tmp_path / "s")
+    assert "base 0.05, chat 0.15" in files.table and files.pareto.exists()
+    assert list(panels[0][0]["labels"]) == ["no finished SAE to plot"]
+
+
+def test_pareto_labels_of_close_points_do_not_overlap(tmp_path: Path, monkeypatch):
+    # the points of docs/pareto.png, where topk-k64's and relu-l11's labels collided, plus two
+    # more crowding topk-k64
+    points = {"topk-w2304-k16-lr5.33e-4": (17, .485), "topk-w2304-k32-lr5.33e-4": (31, .39),
+              "topk-w2304-k64-lr5.33e-4": (63, .298), "relu-w2304-l11-lr2.5e-4-rs": (220, .298),
+              "relu-w2304-l12-lr2.5e-4-rs": (110, .6), "relu-w2304-l10.5-lr2.5e-4-rs": (320, .188),
+              "topk-w2304-k60-lr5.33e-4": (60, .30), "topk-w2304-k66-lr5.33e-4": (66, .296)}
+    for i, (name, (l0, fvu)) in enumerate(points.items()):
+        _member(tmp_path / "s", name, name.split("-")[0], {}, l0, fvu, seed=i)
+    panels = _labelled_points(monkeypatch)
+    write_report(tmp_path / "s")
+    (panel,) = panels[0]
+    boxes = panel["labels"]
+    assert sorted(boxes) == sorted(points)
+    names = list(boxes)
+    for i, a in enumerate(names):
+        f = panel["frame"]
+        assert f.x0 <= boxes[a].x0 and boxes[a].x1 <= f.x1, a
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
