@@ -23,11 +23,18 @@ import zarr
 from tqdm import tqdm
 
 from cache_acts.rows import RowBatch, record_dtype, to_records
-from cache_acts.shuffle import BucketFiles, bucket_of, choose_n_buckets, iter_chunks
+from cache_acts.shuffle import (
+    BucketFiles,
+    bucket_of,
+    choose_n_buckets,
+    iter_chunks,
+    last_chunk_of_buckets,
+)
 from cache_acts.state import GATHER, SCATTER, TMP_DIR, RunState, tmp_dir
 from cache_acts.writer import (
     ChunkSink,
-    ChunkWriterThread,
+    ChunkWriterPool,
+    RawChunks,
     StatsSums,
     ZarrChunks,
     raw_chunks_or_none,
@@ -241,14 +248,27 @@ def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
                desc="pass 2/2 shuffle+write", disable=None, dynamic_ncols=True)
     sink = _chunk_sink(group, job.out, m, files.folder)
 
-    def commit(index: int) -> None:  # on the writer thread, once chunk `index` is on disk
+    last_chunk = last_chunk_of_buckets(bucket_rows, m.chunk_rows)
+
+    def commit(index: int, sums: dict[str, int]) -> None:  # chunks 0..index are on disk
+        for path, crc in sums.items():
+            recorded = state.checksums.setdefault(path, [])
+            del recorded[index:]
+            recorded.append(crc)
         state.chunks_done = index + 1
         state.save(files.folder)
+        # A bucket whose rows are all in committed chunks is never read again, even on resume:
+        # deleting it at once bounds the temporary disk space and gives its page-cache pages
+        # back for the chunks still to write (far cheaper than fresh ones on a VM).
+        for b, last in enumerate(last_chunk):
+            if last == index:
+                files.remove(b)
         bar.update(1)
 
-    writer = ChunkWriterThread(
-        lambda index, records: write_chunk(sink, index, records, state.checksums), commit)
-    writer.start()
+    # two writers for raw chunk files (page-cache copies scale with cores, and the model is
+    # idle in pass 2); one through the zarr API, whose codecs have their own threads
+    writer = ChunkWriterPool(lambda index, records: write_chunk(sink, index, records), commit,
+                             workers=2 if isinstance(sink, RawChunks) else 1)
     try:
         for index, records in iter_chunks(files, bucket_rows, m.seed, m.chunk_rows,
                                           start_chunk=state.chunks_done):

@@ -113,6 +113,10 @@ class BucketFiles:
                 self._pending[b] = []
         self._pending_bytes = 0
 
+    def remove(self, bucket: int) -> None:
+        """Delete a bucket file pass 2 no longer needs (missing is fine: resumed runs)."""
+        self.path(bucket).unlink(missing_ok=True)
+
     def mapped(self, bucket: int, n_rows: int) -> np.ndarray:
         """Bucket `bucket` as read-only records [n_rows], memory-mapped (unmapped when the array
         is freed). The file was just written, so its pages are usually in the page cache and no
@@ -124,6 +128,13 @@ class BucketFiles:
             m = mmap.mmap(f.fileno(), n_rows * self.rec.itemsize, access=mmap.ACCESS_READ)
         m.madvise(mmap.MADV_WILLNEED)
         return np.frombuffer(m, dtype=self.rec, count=n_rows)
+
+
+def last_chunk_of_buckets(bucket_rows: list[int], chunk_rows: int) -> list[int]:
+    """For each bucket, the index of the last output chunk holding one of its rows (-1 for an
+    empty bucket): once that chunk is written, the bucket file is no longer needed."""
+    ends = np.cumsum(bucket_rows)
+    return [int(end - 1) // chunk_rows if n else -1 for n, end in zip(bucket_rows, ends, strict=True)]
 
 
 def iter_chunks(

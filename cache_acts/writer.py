@@ -12,10 +12,10 @@ that (`raw_chunks_or_none`).
 from __future__ import annotations
 
 import os
-import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from queue import Queue
 from typing import Any, Protocol
 
 import numpy as np
@@ -93,7 +93,7 @@ class RawChunks:
     def put(self, path: str, index: int, block: np.ndarray) -> None:
         target = self.chunk_file(path, index, block.ndim)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.scratch / "chunk.partial"
+        tmp = self.scratch / f"{path.replace('/', '~')}.{index}.partial"  # one per writer
         pad = (self.chunk_rows - len(block)) * (block.nbytes // max(len(block), 1))
         with open(tmp, "wb") as f:
             f.write(block.data)
@@ -121,48 +121,50 @@ def raw_chunks_or_none(group: zarr.Group, root: Path, paths: list[str], chunk_ro
     return RawChunks(root, chunk_rows, scratch)
 
 
-def write_chunk(sink: ChunkSink, index: int, records: np.ndarray,
-                checksums: dict[str, list[int]]) -> None:
-    """Write records [<= chunk_rows] as chunk `index` of every array (field name = array path),
-    recording each chunk's CRC32 at position `index` of `checksums[path]`."""
+def write_chunk(sink: ChunkSink, index: int, records: np.ndarray) -> dict[str, int]:
+    """Write records [<= chunk_rows] as chunk `index` of every array (field name = array path);
+    returns each array's CRC32 of the chunk."""
+    sums = {}
     for path in records.dtype.names:
         block = np.ascontiguousarray(records[path])
         sink.put(path, index, block)
-        sums = checksums.setdefault(path, [])
-        del sums[index:]
-        sums.append(checksum(block))
+        sums[path] = checksum(block)
+    return sums
 
 
-class ChunkWriterThread(threading.Thread):
-    """Writes chunk i (then calls `committed(i)`) while the main thread gathers chunk i + 1.
-    Holds at most one chunk being written and one waiting; an error is kept in `error` and
-    re-raised by `finish()`."""
+class ChunkWriterPool:
+    """Writes chunks on `workers` threads while the caller gathers the next ones, and commits
+    them in index order on the calling thread (`committed(index, write's result)`), so a commit
+    always means "every chunk up to here is on disk". At most `workers` chunks are in flight; a
+    write's error is re-raised by the next `submit` or by `finish`."""
 
-    def __init__(self, write: Callable[[int, np.ndarray], None], committed: Callable[[int], None]):
-        super().__init__(daemon=True)
-        self.write, self.committed = write, committed
-        self.queue: Queue[tuple[int, np.ndarray] | None] = Queue(maxsize=1)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks
-            try:
-                self.write(*item)
-                self.committed(item[0])
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                self.error = e
+    def __init__(self, write: Callable[[int, np.ndarray], Any],
+                 committed: Callable[[int, Any], None], workers: int):
+        self.write, self.committed, self.workers = write, committed, workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="chunk-writer")
+        self._in_flight: deque[tuple[int, Future]] = deque()
+        self._failed = False
 
     def submit(self, index: int, records: np.ndarray) -> None:
-        if self.error is not None:
-            self.finish()
-        self.queue.put((index, records))
+        self._in_flight.append((index, self._pool.submit(self.write, index, records)))
+        while self._in_flight and (len(self._in_flight) > self.workers
+                                   or self._in_flight[0][1].done()):
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        index, future = self._in_flight.popleft()
+        try:
+            self.committed(index, future.result())
+        except BaseException:
+            self._failed = True  # later chunks may be on disk, but never committed past a gap
+            raise
 
     def finish(self) -> None:
-        """Wait for every submitted chunk; re-raise the first error."""
-        if self.is_alive():
-            self.queue.put(None)
-            self.join()
-        if self.error is not None:
-            raise self.error
+        """Wait for every submitted chunk and commit it, unless a write or commit failed;
+        re-raise the first error."""
+        try:
+            while self._in_flight and not self._failed:
+                self._commit_oldest()
+        finally:
+            self._in_flight.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)

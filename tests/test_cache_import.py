@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 from cache_acts import engine
 from cache_acts.cli import main
+from cache_acts.shuffle import BucketFiles, last_chunk_of_buckets
+from cache_acts.state import RunState
 from shared.errors import UserError
 from shared.store import checksum, open_store
 
@@ -220,3 +222,24 @@ def test_disk_full_is_one_line(monkeypatch, capsys, sources):
     code, _, err = _import(monkeypatch, capsys, folder)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: the disk is full") and "--resume" in err
+
+
+def test_pass_2_deletes_each_bucket_file_only_after_its_last_chunk_is_committed(
+        monkeypatch, capsys, sources):
+    folder, _ = sources
+    removed: dict[int, int] = {}  # bucket -> chunks committed when it was deleted
+    real_remove = BucketFiles.remove
+
+    def remove(self, bucket):
+        state = RunState.load(self.folder)
+        last = last_chunk_of_buckets([b // self.rec.itemsize for b in state.bucket_bytes], 64)
+        assert last[bucket] < state.chunks_done  # every chunk holding its rows is committed
+        assert self.path(bucket).exists()
+        removed[bucket] = state.chunks_done
+        real_remove(self, bucket)
+
+    monkeypatch.setattr(BucketFiles, "remove", remove)
+    assert _import(monkeypatch, capsys, folder)[0] == 0
+    assert len(removed) > 4  # many buckets (8 KiB budget), removed one by one as pass 2 went
+    assert len(set(removed.values())) > 2
+    assert cli(monkeypatch, capsys, "verify", str(folder / "store"))[0] == 0

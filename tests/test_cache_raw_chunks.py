@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import zarr
 
 from cache_acts.rows import record_dtype
-from cache_acts.writer import RawChunks, ZarrChunks, raw_chunks_or_none, write_chunk
+from cache_acts.writer import (
+    ChunkWriterPool,
+    RawChunks,
+    ZarrChunks,
+    raw_chunks_or_none,
+    write_chunk,
+)
 from shared.store import Manifest, create_store
 
 
@@ -30,7 +38,7 @@ def test_raw_chunks_equal_zarr_api(tmp_path, dtype):
     n = 21  # 3 chunks of 8, the last one short (zero-padded on disk)
     rng = np.random.default_rng(0)
     records = _records(n, dtype, rng)
-    sums: dict[str, dict[str, list[int]]] = {"raw": {}, "zarr": {}}
+    sums: dict[str, dict[int, dict[str, int]]] = {"raw": {}, "zarr": {}}
     for kind in ("raw", "zarr"):
         group = create_store(tmp_path / kind, _manifest(n, dtype))
         paths = _manifest(n, dtype).array_paths()
@@ -39,7 +47,7 @@ def test_raw_chunks_equal_zarr_api(tmp_path, dtype):
         if kind == "zarr":
             sink = ZarrChunks(group, 8)
         for i in (2, 0, 1):  # any order, like a resumed pass 2
-            write_chunk(sink, i, records[8 * i:8 * i + 8], sums[kind])
+            sums[kind][i] = write_chunk(sink, i, records[8 * i:8 * i + 8])
     assert sums["raw"] == sums["zarr"]
     raw, ref = zarr.open_group(str(tmp_path / "raw"), mode="r"), zarr.open_group(str(tmp_path / "zarr"), mode="r")
     for path in records.dtype.names:
@@ -58,3 +66,25 @@ def test_compressed_stores_go_through_zarr(tmp_path):
     m = _manifest(16, "float32")
     group = create_store(tmp_path / "r", m)
     assert raw_chunks_or_none(group, tmp_path / "r", m.array_paths(), 4, tmp_path) is None
+
+
+def test_writer_pool_commits_in_order_and_never_past_a_failed_chunk():
+    """Chunk 3 finishes before chunk 2 fails: 3 is on disk but must not be committed."""
+    chunk_3_written = threading.Event()
+    committed: list[int] = []
+
+    def write(index: int, records: np.ndarray) -> int:
+        if index == 2:
+            assert chunk_3_written.wait(timeout=10)
+            raise OSError("disk full")
+        if index == 3:
+            chunk_3_written.set()
+        return index * 10
+
+    pool = ChunkWriterPool(write, lambda i, result: committed.append((i, result)), workers=2)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(6):
+            pool.submit(i, np.zeros(1))
+        pool.finish()
+    pool.finish()  # after a failure: waits, commits nothing more, raises nothing new
+    assert committed == [(0, 0), (1, 10)]

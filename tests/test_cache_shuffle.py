@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from cache_acts.rows import RowBatch, record_dtype, to_records
-from cache_acts.shuffle import BucketFiles, bucket_of, choose_n_buckets, iter_chunks
+from cache_acts.shuffle import (
+    BucketFiles,
+    bucket_of,
+    choose_n_buckets,
+    iter_chunks,
+    last_chunk_of_buckets,
+)
 from cache_acts.units import parse_count, parse_size
 from shared.errors import UserError
 
@@ -68,6 +74,18 @@ def test_iter_chunks_is_an_exact_permutation_in_whole_chunks(tmp_path, chunk_row
         tail = list(iter_chunks(files, sizes, seed=5, chunk_rows=chunk_rows, start_chunk=start))
         assert [i for i, _ in tail] == list(range(start, len(chunks)))
         assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(tail, chunks[start:], strict=True))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 10, 1000])
+def test_last_chunk_of_buckets_is_where_each_bucket_ends(tmp_path, chunk_rows):
+    """Pass 2 deletes a bucket file once this chunk is written, so it must be exact."""
+    files, sizes = _scatter(tmp_path, 103, seed=5, k=8)
+    sizes[3] = 0  # an empty bucket has no last chunk
+    want = [-1] * 8
+    for index, chunk in iter_chunks(files, sizes, seed=5, chunk_rows=chunk_rows):
+        for b in bucket_of(chunk["seq_index"], 5, 8):
+            want[b] = index
+    assert last_chunk_of_buckets(sizes, chunk_rows) == want
 
 
 def test_permutation_is_uniform(tmp_path):
