@@ -1,6 +1,6 @@
 """Benchmark: ActivationLoader throughput against plain `numpy.fromfile` of the same chunk files.
 
-Both are timed in one run, in alternating passes over the whole store, so machine noise hits
+Both are timed in one run, in alternating blocks of whole passes over the store, so machine noise hits
 them alike; the figure that matters is the ratio (goal: loader >= 0.7 x fromfile). `fromfile`
 reads each chunk file front to back, `batch_size` rows per read into a fresh array (the same
 output size as a loader batch), and does nothing else; the loader does everything a
@@ -33,11 +33,14 @@ from shared.store import (
 from train_sae.loader import ActivationLoader
 
 
-def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.0) -> dict:
+def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.0,
+            block_bytes: int = 256 << 20) -> dict:
     """Rows per second of the loader and of `numpy.fromfile` over the same (uncompressed) store.
 
-    Passes alternate (fromfile over every chunk file of every hook, then one loader epoch) until
-    `seconds` have been spent in total; rates are total rows over total time for each.
+    Blocks alternate (fromfile over every chunk file of every hook E times, then one loader
+    streaming E epochs, E chosen so a block reads about `block_bytes`) until `seconds` have been
+    spent in total; rates are total rows over total time for each. A training run builds one
+    loader and streams from it, so each block builds one (its start-up is counted once a block).
     """
     store = open_store(store_path)
     m = store.manifest
@@ -47,27 +50,29 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
     if n_batches < 1:
         fail(f"the store has {m.n_rows} rows, fewer than one batch of {batch_size}")
     dtype = np.dtype("<f4") if m.dtype == "float32" else np.dtype("<u2")
+    row_bytes = sum(m.d_in.values()) * dtype.itemsize
+    epochs = max(1, block_bytes // (m.n_rows * row_bytes))
     spent = {"fromfile": 0.0, "loader": 0.0}
     rows = {"fromfile": 0, "loader": 0}
-    passes = 0
-    while passes < 2 or sum(spent.values()) < seconds:
+    blocks = 0
+    while blocks < 2 or sum(spent.values()) < seconds:
         t0 = time.perf_counter()
-        for hook in m.hooks:
-            _fromfile_pass(store, hook, dtype, batch_size)
+        for _ in range(epochs):
+            for hook in m.hooks:
+                _fromfile_pass(store, hook, dtype, batch_size)
         spent["fromfile"] += time.perf_counter() - t0
-        rows["fromfile"] += m.n_rows
         t0 = time.perf_counter()
-        loader = ActivationLoader(store, m.hooks, batch_size, n_batches, seed=passes)
+        loader = ActivationLoader(store, m.hooks, batch_size, epochs * n_batches, seed=blocks)
         for _batch in loader:
             pass
         spent["loader"] += time.perf_counter() - t0
-        rows["loader"] += n_batches * batch_size
-        passes += 1
+        rows["fromfile"] += epochs * m.n_rows
+        rows["loader"] += epochs * n_batches * batch_size
+        blocks += 1
     rates = {k: rows[k] / spent[k] for k in rows}
-    row_bytes = sum(m.d_in.values()) * dtype.itemsize
     return {
         "store_bytes": m.n_rows * row_bytes,
-        "passes": passes,
+        "passes": blocks * epochs,
         "loader_rows_per_s": rates["loader"],
         "fromfile_rows_per_s": rates["fromfile"],
         "loader_gb_per_s": rates["loader"] * row_bytes / 1e9,
