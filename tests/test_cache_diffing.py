@@ -5,7 +5,6 @@ resume with the model list in the settings, and bad input as one line with exit 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
-from conftest import TINY_VOCAB, as_text, tiny_docs
+from conftest import TINY_VOCAB, as_text, invoke, tiny_docs
 
 from cache_acts import run as run_module
 from cache_acts.cli import main
@@ -54,15 +53,9 @@ def rnd(root: Path, name: str) -> str:
     return f"random:{root / name}.json"
 
 
-def cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cache-acts", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `cache-acts ARGS` in-process: (exit code, stdout, stderr)."""
+    return invoke(main, "cache-acts", monkeypatch, capsys, *args)
 
 
 def reference(root: Path, name: str, hooks: list[str]) -> dict[str, torch.Tensor]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import invoke
 from safetensors.torch import save_file
 
 from cache_acts import engine
@@ -21,14 +21,7 @@ from shared.store import checksum, open_store
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run `cache-acts ARGS` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["cache-acts", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return invoke(main, "cache-acts", monkeypatch, capsys, *args)
 
 
 @pytest.fixture

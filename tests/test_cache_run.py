@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import zarr
+from conftest import invoke
 
 from cache_acts.cli import main
 from cache_acts.state import STATE_FILE, TMP_DIR
@@ -48,14 +49,8 @@ def base_args(root: Path, out: str = "store") -> list[str]:
 
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cache-acts", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    """Run `cache-acts ARGS` in-process: (exit code, stdout, stderr)."""
+    return invoke(main, "cache-acts", monkeypatch, capsys, *args)
 
 
 def stream(root: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

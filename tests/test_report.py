@@ -32,10 +32,11 @@ def test_pareto_front_higher_is_better_and_nan():
 
 
 def _member(root: Path, name: str, arch: str, hp: dict, l0: float, fvu: float,
-            status: str = "done", eval_: dict | None = None, seed: int = 0) -> None:
+            status: str = "done", eval_: dict | None = None, seed: int = 0,
+            hook: str = "blocks.0.hook_resid_post") -> None:
     d = root / name
     d.mkdir(parents=True)
-    m = {"name": name, "arch": arch, "hook": "blocks.0.hook_resid_post", "d_in": 8, "d_sae": 32,
+    m = {"name": name, "arch": arch, "hook": hook, "d_in": 8, "d_sae": 32,
          "hyperparameters": {"width": 32, "lr": 1e-3, **hp}, "status": status,
          "failure": "loss became nan at step 7" if status == "failed" else None,
          "tokens": 4096, "steps": 16,
@@ -247,3 +248,23 @@ def test_pareto_labels_of_close_points_do_not_overlap(tmp_path: Path, monkeypatc
         assert f.x0 <= boxes[a].x0 and boxes[a].x1 <= f.x1, a
         for b in names[i + 1:]:
             assert not boxes[a].overlaps(boxes[b]), (a, b)
+
+
+def test_multi_hook_sweep_has_one_frontier_and_one_row_of_panels_per_hook(sweep: Path,
+                                                                          monkeypatch):
+    # a layer-1 SAE worse than every layer-0 one is still on its own hook's frontier
+    hook1 = "blocks.1.hook_resid_post"
+    _member(sweep, "L1--topk-k8", "topk", {"k": 8}, 20.0, 0.5, hook=hook1)
+    _member(sweep, "L1--topk-k16", "topk", {"k": 16}, 30.0, 0.6, hook=hook1)  # beaten by k8
+    for name, l0, rec in (("topk-k8", 9.0, 0.95), ("L1--topk-k8", 21.0, 0.5)):
+        _add_eval(sweep, name, l0, rec)
+    panels = _labelled_points(monkeypatch)
+    files = write_report(sweep)
+    rows = {r[0]: r for r in _rows(files.table)}
+    assert rows["L1--topk-k8"][-1] == "FVU, loss" and rows["L1--topk-k16"][-1] == ""
+    assert rows["topk-k8"][-1] == "FVU, loss" and rows["relu-l1-1e-3"][-1] == ""
+    fvu0, loss0, fvu1, loss1 = panels[0]  # rows: hook 0 (first in the sweep), then hook 1
+    assert sorted(fvu0["labels"]) == ["relu-l1-1e-3", "topk-k4", "topk-k8"]
+    assert sorted(fvu1["labels"]) == ["L1--topk-k16", "L1--topk-k8"]
+    assert list(loss0["labels"]) == ["topk-k8"] and list(loss1["labels"]) == ["L1--topk-k8"]
+    assert fvu1["title"].endswith(hook1) and loss0["title"].endswith("blocks.0.hook_resid_post")

@@ -63,7 +63,8 @@ class WandbSink:
 
 
 class Progress:
-    """tqdm bar over tokens, with steps/s and the best member's last logged FVU."""
+    """tqdm bar over tokens, with steps/s (the same smoothed rate as its tokens/s) and the best
+    member's last logged FVU."""
 
     def __init__(self, total_tokens: int, start_tokens: int, tokens_per_step: int,
                  enabled: bool = True):
@@ -77,7 +78,9 @@ class Progress:
         self.steps += 1
         self.bar.update(self.tokens_per_step)
         if self.steps % 10 == 0 or best_fvu is not None:
-            rate = self.steps / max(time.perf_counter() - self.t0, 1e-9)
+            tokens_per_s = self.bar.format_dict.get("rate")  # tqdm's smoothed recent rate
+            rate = (tokens_per_s / self.tokens_per_step if tokens_per_s
+                    else self.steps / max(time.perf_counter() - self.t0, 1e-9))
             post = {"steps/s": f"{rate:.1f}"}
             if best_fvu is not None and math.isfinite(best_fvu):
                 post["best_fvu"] = f"{best_fvu:.4f}"

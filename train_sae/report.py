@@ -1,5 +1,6 @@
 """The sweep report: `SWEEP/report.md` (a table of every member), `SWEEP/pareto.png` (L0 against
-FVU and, once `train-sae eval` ran, against loss recovered, Pareto frontiers marked) and
+FVU and, once `train-sae eval` ran, against loss recovered, Pareto frontiers marked; one row of
+panels and one frontier per hook in a multi-hook sweep) and
 `SWEEP/density.png` (one log10 feature-density histogram per member).
 
 Crosscoder members get a row with their FVU per hook, and two-hook crosscoders (model diffing) a
@@ -167,15 +168,28 @@ def _get(d: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
+def sae_groups(members: list[Member]) -> dict[str, list[Member]]:
+    """The finished SAEs by the hook they read, in sweep order: a frontier compares SAEs of one
+    hook only (an SAE at another layer reconstructs different activations)."""
+    groups: dict[str, list[Member]] = {}
+    for m in members:
+        if m.ok and not m.is_crosscoder:
+            groups.setdefault(m.hooks[0] if m.hooks else "", []).append(m)
+    return groups
+
+
 def markdown_table(members: list[Member]) -> str:
     varying, _ = split_hyperparameters(members)
     evaluated = any(m.eval for m in members)
     crosscoders = any(m.is_crosscoder for m in members)
-    ok = [m for m in members if m.ok and not m.is_crosscoder]  # the Pareto frontiers' points
-    on_fvu = {ok[i].name for i in pareto_front([_get(m.final, "l0") for m in ok],
-                                                [_get(m.final, "fvu") for m in ok], False)}
-    on_lr = {ok[i].name for i in pareto_front(
-        [_get(m.eval, "l0") for m in ok], [_get(m.eval, "loss_recovered_zero") for m in ok], True)}
+    on_fvu: set[str] = set()
+    on_lr: set[str] = set()
+    for ok in sae_groups(members).values():  # the Pareto frontiers' points, one set per hook
+        on_fvu |= {ok[i].name for i in pareto_front([_get(m.final, "l0") for m in ok],
+                                                     [_get(m.final, "fvu") for m in ok], False)}
+        on_lr |= {ok[i].name for i in pareto_front(
+            [_get(m.eval, "l0") for m in ok], [_get(m.eval, "loss_recovered_zero") for m in ok],
+            True)}
     head = ["member", "arch", "width", *varying, "status", "L0", "FVU", "dead", "dense"]
     if crosscoders:
         head.append("FVU per hook")
@@ -287,23 +301,27 @@ def _annotate(ax: Any, name: str, x: float, y: float, spot: tuple[int, int, str,
 
 
 def plot_pareto(members: list[Member], path: Path) -> None:
-    """L0 vs FVU (and vs loss recovered once evaluated) of the finished SAEs; crosscoders are
-    left out (see the module docstring)."""
-    ok = [m for m in members if m.ok and not m.is_crosscoder]
-    evaluated = [m for m in ok if m.eval]
+    """L0 vs FVU (and vs loss recovered once evaluated) of the finished SAEs, one row of panels
+    per hook; crosscoders are left out (see the module docstring)."""
+    groups = sae_groups(members) or {"": []}
     left_out = " (crosscoders not shown)" if any(m.is_crosscoder for m in members) else ""
-    n = 2 if evaluated else 1
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5), squeeze=False)
-    to_label = [_panel(axes[0][0], ok, [_get(m.final, "l0") for m in ok],
-                       [_get(m.final, "fvu") for m in ok], "FVU (lower is better)", False,
-                       "end of training: L0 vs FVU" + left_out)]
-    if evaluated:
-        to_label.append(_panel(axes[0][1], evaluated, [_get(m.eval, "l0") for m in evaluated],
-                               [_get(m.eval, "loss_recovered_zero") for m in evaluated],
-                               "loss recovered vs zero ablation (higher is better)", True,
-                               "held-out tokens, SAE spliced into the model"))
+    n = 2 if any(m.eval for ok in groups.values() for m in ok) else 1
+    fig, axes = plt.subplots(len(groups), n, figsize=(6.5 * n, 5 * len(groups)), squeeze=False)
+    to_label = []
+    for row, (hook, ok) in zip(axes, groups.items(), strict=True):
+        at = f"\n{hook}" if len(groups) > 1 else ""
+        to_label.append((row[0], _panel(
+            row[0], ok, [_get(m.final, "l0") for m in ok], [_get(m.final, "fvu") for m in ok],
+            "FVU (lower is better)", False, "end of training: L0 vs FVU" + left_out + at)))
+        if n == 2:
+            evaluated = [m for m in ok if m.eval]
+            to_label.append((row[1], _panel(
+                row[1], evaluated, [_get(m.eval, "l0") for m in evaluated],
+                [_get(m.eval, "loss_recovered_zero") for m in evaluated],
+                "loss recovered vs zero ablation (higher is better)", True,
+                "held-out tokens, SAE spliced into the model" + at)))
     fig.tight_layout()
-    for ax, points in zip(axes[0], to_label, strict=True):
+    for ax, points in to_label:
         _label(ax, points)
     fig.savefig(path, dpi=110)
     plt.close(fig)

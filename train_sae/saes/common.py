@@ -28,6 +28,16 @@ def mse_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x_hat - x).pow(2).sum(dim=-1).mean()
 
 
+@torch.no_grad()
+def fold_scale_into_linear(sae: SAE, scale: float) -> None:
+    """Make an SAE with W_enc, W_dec and b_dec that was trained on x' = s x act on raw x.
+    Pre-activations (s x - b) W + c = (x - b/s)(s W) + c are unchanged, so thresholds and gates
+    on them stay as they are, and x_hat = x_hat' / s."""
+    sae.W_enc.mul_(scale)
+    sae.W_dec.div_(scale)
+    sae.b_dec.div_(scale)
+
+
 def check_positive(name: str, value: float, allow_zero: bool = True) -> None:
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -65,13 +75,8 @@ class LinearSAE(SAE):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec
 
-    @torch.no_grad()
     def fold_input_scaling(self, scale: float) -> None:
-        # Trained on x' = s x: pre = (s x - b) W + c = (x - b/s)(s W) + c, and x_hat = x_hat' / s.
-        # Pre-activations are unchanged, so thresholds on them stay as they are.
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        fold_scale_into_linear(self, scale)
 
     # --- SAELens format (see train_sae/saving.py) ------------------------------------------
     def saelens_state(self) -> dict[str, torch.Tensor]:

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from train_sae.saes.base import SAE, TrainOutput, TrainProgress
-from train_sae.saes.common import UnitNormDecoder, check_positive, mse_per_token, random_rows
+from train_sae.saes.common import (
+    UnitNormDecoder,
+    check_positive,
+    fold_scale_into_linear,
+    mse_per_token,
+    random_rows,
+)
 
 
 @dataclass
@@ -79,12 +85,8 @@ class GatedSAE(UnitNormDecoder, SAE):
         parts = {"mse": mse.detach(), "l1": l1.detach(), "aux": aux.detach()}
         return TrainOutput(loss, x_hat, acts, parts)
 
-    @torch.no_grad()
     def fold_input_scaling(self, scale: float) -> None:
-        # Both paths' pre-activations are (x s - b_dec) W + c = (x - b_dec/s)(s W) + c: unchanged.
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        fold_scale_into_linear(self, scale)  # the gate and magnitude paths both read x W_enc
 
     def saelens_state(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, n).detach() for n in self.WEIGHTS}
