@@ -1,9 +1,9 @@
 """Benchmark: ActivationLoader throughput against plain `numpy.fromfile` of the same chunk files.
 
-Both are timed in one run, in alternating blocks of whole passes over the store, so machine noise hits
-them alike; the figure that matters is the ratio (goal: loader >= 0.7 x fromfile). `fromfile`
-reads each chunk file front to back, `batch_size` rows per read into a fresh array (the same
-output size as a loader batch), and does nothing else; the loader does everything a
+Both are timed in one run, in alternating blocks of whole passes over the store, so machine noise
+hits them alike; the figure that matters is the ratio (goal: loader >= 0.7 x fromfile).
+`fromfile` reads each chunk file front to back, `batch_size` rows per read into a fresh array
+(the same output size as a loader batch), and does nothing else; the loader does everything a
 training run gets: seeded chunk order, batches cut across chunks, float32 widening, scaling,
 hand-over from its background thread. Consumers do no work with the batches.
 
