@@ -3,8 +3,8 @@
 # on Shakespeare's plays, middle-layer residual stream, no hub needed), trains a sweep of 3 TopK and
 # 3 ReLU+L1 SAEs in ONE pass over that store, evaluates each one spliced into the model on
 # held-out Shakespeare, and writes the sweep report with its Pareto plot.
-# About 4 minutes on a 2-core CPU once .venv exists (7 on a fresh machine, installing included);
-# a GPU is used when there is one.
+# About 4 minutes on a 2-core CPU from a fresh clone, installing included (plus the downloads on a
+# machine whose pip cache is empty); a GPU is used when there is one.
 # BOS / separator positions are not cached (--drop-special): their huge residual norms would
 # dominate the reconstruction loss; the evaluation leaves them unspliced likewise.
 set -euo pipefail
