@@ -205,16 +205,21 @@ def test_existing_out_needs_a_flag(monkeypatch, capsys, sources, tmp_path):
     assert code == 2 and "refusing to overwrite" in err and (other / "notes.txt").exists()
 
 
-def test_disk_full_is_one_line(monkeypatch, capsys, sources):
+@pytest.mark.parametrize("where", ["cache_acts.shuffle.BucketFiles.flush",  # pass 1
+                                   "cache_acts.writer.RawChunks.put"])  # pass 2, a writer thread
+def test_disk_full_is_one_line_and_resumable(monkeypatch, capsys, sources, where):
     folder, _ = sources
 
-    def full(self):
-        raise OSError(28, "No space left on device", str(self.folder))
+    def full(self, *args):
+        raise OSError(28, "No space left on device", "chunk file")
 
-    monkeypatch.setattr("cache_acts.shuffle.BucketFiles.flush", full)
-    code, _, err = _import(monkeypatch, capsys, folder)
+    with monkeypatch.context() as patch:
+        patch.setattr(where, full)
+        code, _, err = _import(monkeypatch, capsys, folder)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: the disk is full") and "--resume" in err
+    assert _import(monkeypatch, capsys, folder, "--resume")[0] == 0
+    assert cli(monkeypatch, capsys, "verify", str(folder / "store"))[0] == 0
 
 
 def test_pass_2_deletes_each_bucket_file_only_after_its_last_chunk_is_committed(
