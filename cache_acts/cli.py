@@ -69,6 +69,9 @@ def run(
     bos: Annotated[bool, typer.Option(help="Prepend BOS to every sequence.")] = True,
     drop_special: Annotated[bool, typer.Option(
         help="Do not cache BOS / padding positions.")] = False,
+    first_position: Annotated[int, typer.Option(
+        help="Cache only positions >= N of each sequence (0 is the BOS when prepended), like "
+             "SAELens' seqpos_slice; earlier positions still serve as context.")] = 0,
     hook: Annotated[list[str] | None, typer.Option(
         help="Hook point to cache (repeat for several, all in one forward pass). With several "
              "models a HOOK is taken from every model, TAG/HOOK from that model only.")] = None,
@@ -99,6 +102,7 @@ def run(
     spec = TokenSpec(
         dataset=dataset, text_column=text_column, token_column=token_column, split=split,
         context_size=context_size, prepend_bos=bos, drop_special=drop_special,
+        first_position=first_position,
     )
     cfg = RunConfig(
         out=local_out(out), tokens=spec, model=list(model or []), hooks=list(hook or []),

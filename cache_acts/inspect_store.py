@@ -56,8 +56,10 @@ def info(path: Path, as_json: bool = False) -> str:
                      + (" ..." if len(m.source_files) > 3 else ""))
     else:
         ds = m.dataset.get("dataset") or "embedded default (Shakespeare)"
+        first = m.dataset.get("first_position", 0)
         lines.append(f"dataset      {ds}, context {m.context_size}, "
-                     f"BOS {'on' if m.prepend_bos else 'off'}")
+                     f"BOS {'on' if m.prepend_bos else 'off'}"
+                     + (f", positions from {first}" if first else ""))
     lines.append(f"on disk      {_fmt_bytes(_size_on_disk(path))}")
     lines.append("hooks")
     for h in m.hooks:

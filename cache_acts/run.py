@@ -18,7 +18,7 @@ from cache_acts.rows import RowBatch
 from shared.errors import fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
 from shared.store import Manifest, check_dtype, to_storage
-from shared.tokens import TokenSpec, count_sequences, iter_token_batches
+from shared.tokens import TokenSpec, count_sequences, iter_token_batches, kept_positions
 
 MiB = 1 << 20
 
@@ -126,14 +126,15 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     tokenizer = models[0].tokenizer
     if tokenizer is None and cfg.tokens.token_column is None:
         fail("this model has no tokenizer; pass pre-tokenized data with --token-column")
+    per_sequence = kept_positions(cfg.tokens)  # at most; --drop-special may keep fewer
     if cfg.max_tokens is not None:
-        need = -(-cfg.max_tokens // ctx)
+        need = -(-cfg.max_tokens // per_sequence)
         have = count_sequences(cfg.tokens, tokenizer, limit=need)
         if have < need:
-            fail(_too_short(have * ctx, cfg.max_tokens, ctx))
+            fail(_too_short(have * per_sequence, cfg.max_tokens, ctx))
         row_bound = cfg.max_tokens
     else:
-        row_bound = count_sequences(cfg.tokens, tokenizer) * ctx
+        row_bound = count_sequences(cfg.tokens, tokenizer) * per_sequence
     settings = cfg.settings(choices)
     single = len(choices) == 1 and choices[0].tag is None
     manifest = Manifest(

@@ -54,11 +54,18 @@ class TokenSpec:
     drop_special: bool = False
     """Mark positions holding the BOS, EOS or pad token (the prepended BOS, the document
     separators, padding in pre-tokenized rows) as not to be cached."""
+    first_position: int = 0
+    """Mark positions before this one (0 = the BOS when prepended) as not to be cached, like the
+    start of SAELens' `seqpos_slice`: early positions can carry outsized activations (attention
+    sinks). They still run through the model as context."""
 
     def __post_init__(self) -> None:
         min_size = 2 if self.prepend_bos else 1
         if self.context_size < min_size:
             fail(f"context size {self.context_size} is too small; use at least {min_size}")
+        if not 0 <= self.first_position < self.context_size:
+            fail(f"first position {self.first_position} must be in 0..{self.context_size - 1} "
+                 f"(the context size is {self.context_size})")
         if self.dataset is None and self.token_column is not None:
             fail("the embedded Shakespeare text is not pre-tokenized; drop --token-column")
 
@@ -123,6 +130,11 @@ def iter_token_batches(
     return _batches(spec, tokenizer, batch_size, start_sequence, stop, d_vocab, special)
 
 
+def kept_positions(spec: TokenSpec) -> int:
+    """The most positions of one packed sequence that can be cached."""
+    return spec.context_size - spec.first_position
+
+
 def _batches(
     spec: TokenSpec,
     tokenizer: Any,
@@ -142,12 +154,12 @@ def _batches(
         rows.append(row)
         indices.append(index)
         if len(rows) == batch_size:
-            yield _make_batch(rows, indices, special)
+            yield _make_batch(rows, indices, special, spec.first_position)
             rows, indices = [], []
         if stop is not None and index + 1 >= stop:
             break
     if rows:
-        yield _make_batch(rows, indices, special)
+        yield _make_batch(rows, indices, special, spec.first_position)
 
 
 def count_sequences(spec: TokenSpec, tokenizer: Any, limit: int | None = None) -> int:
@@ -163,12 +175,14 @@ def count_sequences(spec: TokenSpec, tokenizer: Any, limit: int | None = None) -
     return n
 
 
-def _make_batch(rows: list[list[int]], indices: list[int], special: list[int]) -> TokenBatch:
+def _make_batch(rows: list[list[int]], indices: list[int], special: list[int],
+                first_position: int) -> TokenBatch:
     tokens = torch.tensor(rows, dtype=torch.int64)  # [batch, context_size]
     if special:
         keep = ~torch.isin(tokens, torch.tensor(special, dtype=torch.int64))
     else:
         keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, :first_position] = False
     return TokenBatch(tokens=tokens, seq_index=torch.tensor(indices, dtype=torch.int64), keep=keep)
 
 

@@ -113,6 +113,27 @@ def test_drop_special_positions_are_not_cached(monkeypatch, capsys, data):
     assert torch.allclose(x.float(), ref[HOOKS[0]][seq, pos].bfloat16().float(), atol=1e-2)
 
 
+def test_first_position_skips_early_positions_but_keeps_their_context(monkeypatch, capsys, data):
+    code, _, err = cli(monkeypatch, capsys, *base_args(data, "late"), "--first-position", "3")
+    assert code == 0, err
+    g = zarr.open_group(str(data / "late"), mode="r")
+    m = g.attrs["manifest"]
+    assert m["n_rows"] == 40 * (CTX - 3) and m["dataset"]["first_position"] == 3
+    seq, pos = g["seq_index"][:], g["position"][:]
+    assert sorted(zip(seq.tolist(), pos.tolist(), strict=True)) == [
+        (s, p) for s in range(40) for p in range(3, CTX)]
+    _, ref = stream(data)  # activations of full sequences: positions 0-2 were the context
+    assert torch.allclose(torch.from_numpy(g[f"acts/{HOOKS[1]}"][:]), ref[HOOKS[1]][seq, pos],
+                          atol=1e-5)
+    _, text, _ = cli(monkeypatch, capsys, "info", str(data / "late"))
+    assert "positions from 3" in text
+    code, _, err = cli(monkeypatch, capsys, *base_args(data, "late"), "--first-position", "3",
+                       "--tokens", str(40 * (CTX - 3) + 1), "--overwrite")
+    assert code == 2 and f"provides only {40 * (CTX - 3)} tokens" in err
+    code, _, err = cli(monkeypatch, capsys, *base_args(data, "bad"), "--first-position", str(CTX))
+    assert code == 2 and err.startswith("error: first position 16 must be in 0..15")
+
+
 def test_model_dtype_bfloat16(monkeypatch, capsys, data):
     code, _, err = cli(monkeypatch, capsys, *base_args(data, "bf16"), "--model-dtype", "bfloat16",
                        "--tokens", "64")

@@ -131,6 +131,32 @@ def test_eval_defaults_come_from_the_store(sweep):
     assert list(one) == [name] and one[name]["ce_sae"] == again[name]["ce_sae"]
 
 
+def test_eval_first_position_splices_and_scores_only_later_positions(sweep):
+    first = 5
+    res = evaluate_path(sweep["out"], EvalOptions(n_tokens=160, batch_size=4, progress=False,
+                                                  first_position=first))
+    n_cached = int(open_store(sweep["store"]).array("seq_index")[:].max()) + 1
+    spec = TokenSpec(dataset=str(sweep["data"]), token_column="ids", context_size=CTX,
+                     prepend_bos=False)
+    held = torch.cat([b.tokens for b in iter_token_batches(spec, None, 100, n_cached, 10)])
+    model = load_model(f"random:{sweep['model']}").model
+    hook = "blocks.1.hook_resid_pre"
+    for name, r in res.items():
+        sae, _ = load_sae(sweep["out"] / name)
+
+        def splice_late(a, hook, sae=sae):
+            a = a.clone()
+            a[:, first:] = sae(a[:, first:])
+            return a
+
+        logits = model.run_with_hooks(held, fwd_hooks=[(hook, splice_late)])
+        # scored: predictions of the positions that are kept (t + 1 >= first)
+        ce = F.cross_entropy(logits[:, first - 1:-1].reshape(-1, VOCAB),
+                             held[:, first:].reshape(-1))
+        assert r["n_tokens"] == 10 * (CTX - first)
+        assert r["ce_sae"] == pytest.approx(float(ce), abs=1e-5)
+
+
 def test_eval_refuses_another_model(sweep, capsys):
     other = _model_json(sweep["root"] / "other.json", seed=6)
     with pytest.raises(SystemExit) as e:

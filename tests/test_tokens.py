@@ -133,8 +133,20 @@ def test_drop_special_mask(tmp_path: Path, tiny_tokenizer):
     assert all(b.keep.all() for b in iter_token_batches(keep_all, tiny_tokenizer, 8))
 
 
+def test_first_position_mask_combines_with_drop_special(tmp_path: Path, tiny_tokenizer):
+    path = _write_jsonl(tmp_path / "d.jsonl", DOCS)
+    spec = TokenSpec(str(path), context_size=4, drop_special=True, first_position=2)
+    (batch, *_) = list(iter_token_batches(spec, tiny_tokenizer, 8))
+    assert batch.tokens.tolist() == ROWS_BOS_4  # the tokens (the model's context) are unchanged
+    assert batch.keep.tolist() == [[False, False, True, True]] * 3
+    spec = TokenSpec(str(path), context_size=4, first_position=3)
+    assert all(b.keep.tolist() == [[False] * 3 + [True]] * len(b.keep)
+               for b in iter_token_batches(spec, tiny_tokenizer, 2))
+
+
 def test_token_spec_round_trips_to_dict():
-    spec = TokenSpec("data.jsonl", token_column="tokens", context_size=64, drop_special=True)
+    spec = TokenSpec("data.jsonl", token_column="tokens", context_size=64, drop_special=True,
+                     first_position=3)
     assert TokenSpec(**spec.to_dict()) == spec
     assert json.loads(json.dumps(spec.to_dict()))["context_size"] == 64
 
@@ -200,6 +212,10 @@ def test_bad_spec_values(tiny_tokenizer, tiny_jsonl):
     TokenSpec(str(tiny_jsonl), context_size=1, prepend_bos=False)
     with pytest.raises(UserError, match="not pre-tokenized"):
         TokenSpec(None, token_column="tokens")
+    with pytest.raises(UserError, match=r"first position 4 must be in 0\.\.3"):
+        TokenSpec(str(tiny_jsonl), context_size=4, first_position=4)
+    with pytest.raises(UserError, match="first position -1"):
+        TokenSpec(str(tiny_jsonl), first_position=-1)
     with pytest.raises(UserError, match="batch size 0"):
         iter_token_batches(TokenSpec(str(tiny_jsonl)), tiny_tokenizer, 0)
 

@@ -34,6 +34,8 @@ def eval_command(
         help="prepend BOS to every sequence (default: as cached)")] = None,
     drop_special: Annotated[bool | None, typer.Option(
         help="leave BOS / padding positions clean and unscored (default: as cached)")] = None,
+    first_position: Annotated[int | None, typer.Option(
+        help="leave positions before N clean (default: as cached)")] = None,
     n_tokens: Annotated[int, typer.Option(
         help="held-out tokens to evaluate on (rounded up to whole sequences)")] = 32_768,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
@@ -54,7 +56,8 @@ def eval_command(
 
     opts = EvalOptions(model=model, dataset=dataset, text_column=text_column,
                        token_column=token_column, split=split, context_size=context_size,
-                       prepend_bos=bos, drop_special=drop_special, n_tokens=n_tokens, batch_size=batch_size,
+                       prepend_bos=bos, drop_special=drop_special, first_position=first_position,
+                       n_tokens=n_tokens, batch_size=batch_size,
                        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
                        mean_source=ablation_mean)
     results = evaluate_path(path, opts)

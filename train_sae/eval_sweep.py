@@ -51,6 +51,7 @@ class EvalOptions:
     context_size: int | None = None
     prepend_bos: bool | None = None
     drop_special: bool | None = None
+    first_position: int | None = None
     n_tokens: int = 32_768  # held-out tokens (rounded up to whole sequences)
     batch_size: int = 8  # sequences per forward pass
     device: str = "cpu"
@@ -160,7 +161,7 @@ def resolve_tokens(opts: EvalOptions, manifest: Manifest | None) -> TokenSpec:
     given = {"dataset": opts.dataset, "text_column": opts.text_column,
              "token_column": opts.token_column, "split": opts.split,
              "context_size": opts.context_size, "prepend_bos": opts.prepend_bos,
-             "drop_special": opts.drop_special}
+             "drop_special": opts.drop_special, "first_position": opts.first_position}
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}
     known = set(TokenSpec.__dataclass_fields__)
     return TokenSpec(**{k: v for k, v in merged.items() if k in known})
