@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import atomic_write_text
 from shared.store import WORK_DIR as TMP_DIR  # the store layer must recognise a half-made store
 
 STATE_FILE = "state.json"
@@ -34,10 +34,8 @@ class RunState:
     checksums: dict[str, list[int]] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
-        """Write to a temporary name, then os.replace: a reader sees the old or the new state."""
-        tmp = folder / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        os.replace(tmp, folder / STATE_FILE)
+        """Replace the state file atomically: a reader sees the old or the new state."""
+        atomic_write_text(folder / STATE_FILE, json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def load(cls, folder: Path) -> RunState | None:

@@ -8,12 +8,12 @@ position is `step` itself, since batch i is a pure function of i.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.atomic import atomic_write, temporary_sibling
 from shared.errors import fail
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -21,12 +21,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     path = folder / CHECKPOINT_NAME
-    tmp = folder / (CHECKPOINT_NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
     return path
 
 
@@ -42,5 +37,6 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
 
 
 def remove_checkpoint(folder: Path) -> None:
-    for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".tmp"):
-        (folder / name).unlink(missing_ok=True)
+    path = folder / CHECKPOINT_NAME
+    for p in (path, temporary_sibling(path)):
+        p.unlink(missing_ok=True)

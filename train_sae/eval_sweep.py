@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ from shared.errors import fail
 from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
 from shared.store import Manifest, Store, open_store
 from shared.tokens import TokenSpec, iter_token_batches
-from train_sae.crosscoder.saving import CFG_FILE as CROSSCODER_CFG
 from train_sae.evaluate import SpliceTarget, hook_means, splice_eval
-from train_sae.report import METRICS_FILE, SWEEP_FILE, member_folders
-from train_sae.saving import load_sae
+from train_sae.outputs import METRICS_JSON, SWEEP_JSON, write_json
+from train_sae.report import member_folders
+from train_sae.saving import CFG_FILENAME, load_sae
 
 MEAN_SOURCES = ("store", "eval")
 _SOURCE_KEYS = ("dataset", "split", "text_column", "token_column")
@@ -81,7 +80,7 @@ class EvalMember:
 def sweep_document(path: Path) -> dict[str, Any]:
     """sweep.json of a sweep folder, or of the sweep a single run folder belongs to."""
     for folder in (path, path.parent):
-        f = folder / SWEEP_FILE
+        f = folder / SWEEP_JSON
         if f.exists():
             doc = json.loads(f.read_text())
             if doc.get("status", "complete") != "complete":
@@ -94,7 +93,7 @@ def sweep_document(path: Path) -> dict[str, Any]:
 def is_crosscoder(folder: Path) -> bool:
     """A run folder holding a crosscoder (train_sae/crosscoder/saving.py), not an SAE."""
     try:
-        return json.loads((folder / CROSSCODER_CFG).read_text()).get("format") == "crosscoder"
+        return json.loads((folder / CFG_FILENAME).read_text()).get("format") == "crosscoder"
     except (OSError, json.JSONDecodeError):
         return False  # load_sae names what is wrong with the folder
 
@@ -104,7 +103,7 @@ def load_members(path: Path) -> tuple[list[EvalMember], list[str], list[str]]:
     ones, and crosscoders (see the module docstring)."""
     members, skipped, crosscoders = [], [], []
     for folder in member_folders(path):
-        status = json.loads((folder / METRICS_FILE).read_text()).get("status")
+        status = json.loads((folder / METRICS_JSON).read_text()).get("status")
         if status != "done":
             skipped.append(folder.name)
             continue
@@ -262,7 +261,7 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
                               progress=bar.update)
     n_seq = sum(t.shape[0] for t, _ in batches)
     context = {
-        "model": loaded.spec, "dataset": _spec_dict(spec), "start_sequence": start,
+        "model": loaded.spec, "dataset": spec.to_dict(), "start_sequence": start,
         "n_sequences": n_seq, "tokens_source": f"{source} ({n_seq} sequences)",
         "mean_source": ("mean over the evaluated tokens" if opts.mean_source == "eval"
                         else "the store's mean activation"),
@@ -273,19 +272,13 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
     return results
 
 
-def _spec_dict(spec: TokenSpec) -> dict[str, Any]:
-    return {k: getattr(spec, k) for k in TokenSpec.__dataclass_fields__}
-
-
 def write_eval(folder: Path, result: dict[str, Any]) -> None:
     """Add `result` under "eval" in folder/metrics.json (atomically)."""
-    path = folder / METRICS_FILE
+    path = folder / METRICS_JSON
     doc = json.loads(path.read_text())
     doc["eval"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                    for k, v in result.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, doc)
 
 
 EVAL_COLUMNS = (("l0", "L0"), ("fvu", "FVU"), ("ce_sae", "CE spliced"), ("ce_clean", "CE clean"),

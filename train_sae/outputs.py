@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared.atomic import atomic_write_text
 from shared.errors import fail
 from shared.store import Manifest
 from train_sae.checkpoint import load_checkpoint
@@ -153,6 +153,4 @@ def mark_complete(out: Path, results: dict[str, str]) -> None:
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")

@@ -29,13 +29,13 @@ import matplotlib.transforms  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from shared.atomic import atomic_write_text  # noqa: E402
 from shared.errors import fail  # noqa: E402
 from train_sae.config import CROSSCODER_ARCHS  # noqa: E402
 from train_sae.crosscoder.metrics import RELATIVE_NORMS_PLOT, hook_labels  # noqa: E402
+from train_sae.outputs import METRICS_JSON, SWEEP_JSON  # noqa: E402
+from train_sae.saving import SPARSITY_FILENAME  # noqa: E402
 
-SWEEP_FILE = "sweep.json"
-METRICS_FILE = "metrics.json"
-SPARSITY_FILE = "sparsity.safetensors"
 DEAD_LOG10 = -9.5  # log10 densities at or below this (SAELens stores log10(density + 1e-10)) are dead
 
 
@@ -83,26 +83,26 @@ def member_folders(sweep: Path) -> list[Path]:
     """Run folders of a sweep, in sweep.json's order when it lists them, else sorted by name."""
     if not sweep.is_dir():
         fail(f"{sweep} is not a folder; pass the --out folder of `train-sae sweep` or `train-sae run`")
-    if (sweep / METRICS_FILE).exists():  # a single run folder
+    if (sweep / METRICS_JSON).exists():  # a single run folder
         return [sweep]
     names: list[str] = []
-    spec = sweep / SWEEP_FILE
+    spec = sweep / SWEEP_JSON
     if spec.exists():
         for m in json.loads(spec.read_text()).get("members", []):
             names.append(m if isinstance(m, str) else m["name"])
-    found = sorted(p.parent.name for p in sweep.glob(f"*/{METRICS_FILE}"))
+    found = sorted(p.parent.name for p in sweep.glob(f"*/{METRICS_JSON}"))
     ordered = [n for n in names if n in found] + [n for n in found if n not in names]
     if not ordered:
-        fail(f"no run folders with {METRICS_FILE} under {sweep}; train with `train-sae sweep --out "
+        fail(f"no run folders with {METRICS_JSON} under {sweep}; train with `train-sae sweep --out "
              f"{sweep}` first")
     return [sweep / n for n in ordered]
 
 
 def load_member(folder: Path) -> Member:
     try:
-        m = json.loads((folder / METRICS_FILE).read_text())
+        m = json.loads((folder / METRICS_JSON).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        fail(f"cannot read {folder / METRICS_FILE} ({e}); rerun the sweep with --resume")
+        fail(f"cannot read {folder / METRICS_JSON} ({e}); rerun the sweep with --resume")
     return Member(
         name=m.get("name", folder.name), folder=folder, arch=m.get("arch", "?"),
         d_sae=int(m.get("d_sae", 0)), hyperparameters=dict(m.get("hyperparameters", {})),
@@ -329,7 +329,7 @@ def plot_pareto(members: list[Member], path: Path) -> None:
 
 def read_log10_density(folder: Path) -> torch.Tensor | None:
     """[d_sae] log10 feature density from a run's sparsity.safetensors (None if absent)."""
-    p = folder / SPARSITY_FILE
+    p = folder / SPARSITY_FILENAME
     if not p.exists():
         return None
     tensors = load_file(str(p))
@@ -364,7 +364,7 @@ def plot_density(members: list[Member], path: Path) -> bool:
 
 # --- report.md -----------------------------------------------------------------------------------
 def _settings_lines(sweep: Path) -> list[str]:
-    spec = sweep / SWEEP_FILE
+    spec = sweep / SWEEP_JSON
     if not spec.exists():
         return []
     s = json.loads(spec.read_text())
@@ -451,7 +451,5 @@ def write_report(sweep: str | Path) -> ReportFiles:
     if has_density:
         lines += ["![log10 feature density per member](density.png)", ""]
     report = sweep / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
+    atomic_write_text(report, "\n".join(lines))
     return ReportFiles(report, pareto, density if has_density else None, table)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared.atomic import atomic_write, atomic_write_text
 from shared.errors import fail
 from train_sae.saes import REGISTRY, SAE, make_config
 
@@ -92,17 +92,11 @@ def save_sae(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / CFG_FILENAME).unlink(missing_ok=True)  # an old cfg.json must not vouch for new weights
-    _atomic(out / WEIGHTS_FILENAME, lambda p: save_file(weights, p))
+    atomic_write(out / WEIGHTS_FILENAME, lambda p: save_file(weights, str(p)))
     log_density = sparsity.detach().float().cpu().contiguous().clone()
-    _atomic(out / SPARSITY_FILENAME, lambda p: save_file({"sparsity": log_density}, p))
-    _atomic(out / CFG_FILENAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(out / SPARSITY_FILENAME, lambda p: save_file({"sparsity": log_density}, str(p)))
+    atomic_write_text(out / CFG_FILENAME, json.dumps(cfg, indent=2))
     return out
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 # SAELens architecture -> ours, for folders written by SAELens itself (no "train_sae" section)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from shared.atomic import atomic_write
 from shared.errors import fail
 from train_sae.metrics import metric_tensors
 
@@ -146,8 +147,7 @@ def save_relative_norms(W_dec: torch.Tensor, splits: Sequence[int], hooks: Seque
     assert len(splits) == len(hooks) == 2, (splits, hooks)
     folder = Path(folder)
     values = relative_decoder_norms(W_dec, splits).cpu()  # [d_sae]
-    tmp = folder / f".{RELATIVE_NORMS_FILE}.tmp"
-    save_file({"relative_norms": values.contiguous()}, str(tmp))
-    tmp.replace(folder / RELATIVE_NORMS_FILE)
+    atomic_write(folder / RELATIVE_NORMS_FILE,
+                 lambda tmp: save_file({"relative_norms": values.contiguous()}, str(tmp)))
     plot_relative_norms(values, folder / RELATIVE_NORMS_PLOT, labels=hook_labels(*hooks))
     return relative_norm_summary(values, hooks)

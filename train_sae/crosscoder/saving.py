@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from shared.errors import fail
 from train_sae.crosscoder.model import CROSSCODER_REGISTRY, Crosscoder, build_crosscoder
+from train_sae.saving import CFG_FILENAME as CFG_FILE  # the same names as an SAE's folder
+from train_sae.saving import SPARSITY_FILENAME as SPARSITY_FILE
 
 FORMAT_VERSION = 1
-CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "crosscoder_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
 
 
 def _weights_to_file(cc: Crosscoder) -> tuple[str, dict[str, torch.Tensor]]:
