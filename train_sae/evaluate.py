@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from shared.models import capture
 from train_sae.saes.base import SAE
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
@@ -251,25 +252,11 @@ def splice_eval(model: HookedTransformer, targets: list[SpliceTarget],
 def hook_means(model: HookedTransformer, hooks: list[str],
                batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Mean activation [d_in] of each hook over the kept positions of `batches` (float64 sums)."""
-    device = next(model.parameters()).device
     sums: dict[str, Tensor] = {}
     count = 0
-    layers = [start_layer(h, model.cfg.n_layers) for h in hooks]
-    # stop after the deepest hook's block (None: a hook outside the blocks needs the whole model)
-    inside = [la for la in layers if la is not None and la < model.cfg.n_layers]
-    stop = max(inside) + 1 if len(inside) == len(layers) else None
     for tokens, keep in batches:
-        tokens, keep = tokens.to(device), keep.to(device)
-        captured: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook: object, out: dict[str, Tensor] = captured,
-                 keep: Tensor = keep) -> None:
-            flat = act.reshape(act.shape[0], act.shape[1], -1)
-            out[hook.name] = flat[keep].double().sum(0)  # type: ignore[attr-defined]
-
-        with model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
-            model(tokens, stop_at_layer=stop, return_type=None)
-        for h in hooks:
-            sums[h] = captured[h] if h not in sums else sums[h] + captured[h]
+        for h, act in capture(model, tokens, hooks).items():  # act [batch, ctx, d_in]
+            s = act[keep.to(act.device)].double().sum(0)
+            sums[h] = s if h not in sums else sums[h] + s
         count += int(keep.sum())
     return {h: (s / max(count, 1)).float() for h, s in sums.items()}

@@ -42,6 +42,8 @@ from torch import nn
 
 from shared.errors import fail
 from train_sae.saes.base import SAE, TrainOutput, TrainProgress
+from train_sae.saes.common import mse_per_token
+from train_sae.saes.topk import keep_topk
 
 
 def _check_number(name: str, value: object, *, low: float, high: float | None = None,
@@ -193,7 +195,7 @@ class Crosscoder(SAE):
         """
         acts = self.encode(x)  # [batch, d_sae]
         x_hat = self.decode(acts)  # [batch, D]
-        recon = (x_hat - x).pow(2).sum(dim=-1).mean()
+        recon = mse_per_token(x, x_hat)
         l1 = self.l1_coefficient_at(progress) * self.sparsity_penalty(acts)
         parts = {"mse": recon.detach(), "l1": l1.detach()}
         return TrainOutput(loss=recon + l1, x_hat=x_hat, acts=acts, parts=parts)
@@ -237,14 +239,12 @@ class TopKCrosscoder(Crosscoder):
     Config: type = CrosscoderTopKConfig
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_acts(x)  # [batch, d_sae]
-        top = pre.topk(self.cfg.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        return keep_topk(torch.relu(self.pre_acts(x)), self.cfg.k)
 
     def training_forward(self, x: torch.Tensor, progress: TrainProgress) -> TrainOutput:
         acts = self.encode(x)  # [batch, d_sae]
         x_hat = self.decode(acts)  # [batch, D]
-        recon = (x_hat - x).pow(2).sum(dim=-1).mean()
+        recon = mse_per_token(x, x_hat)
         return TrainOutput(loss=recon, x_hat=x_hat, acts=acts, parts={"mse": recon.detach()})
 
 
