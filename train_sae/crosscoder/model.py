@@ -171,10 +171,6 @@ class Crosscoder(SAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_acts(x))
 
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts: [batch, d_sae] -> x_hat: [batch, D] (every hook's reconstruction, concatenated)."""
-        return acts @ self.W_dec + self.b_dec
-
     # --- training -----------------------------------------------------------------------------
     def l1_coefficient_at(self, progress: TrainProgress) -> float:
         """Linear warm-up over the first l1_warmup_fraction of the steps (April update, seed 004)."""

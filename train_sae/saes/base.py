@@ -48,6 +48,7 @@ class SAE(nn.Module):
     arch: str = ""
     saelens_architecture: str = ""  # the SAELens architecture it is saved as (train_sae/saving.py)
     apply_b_dec_to_input: bool = False  # whether encode subtracts b_dec from x first
+    WEIGHTS: tuple[str, ...] = ()  # the inference parameters, under their SAELens names
 
     def __init__(self, d_in: int, d_sae: int):
         super().__init__()
@@ -59,7 +60,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """acts [batch, d_sae] -> x_hat = acts @ W_dec + b_dec (every architecture here)."""
+        return acts @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -85,8 +87,10 @@ class SAE(nn.Module):
 
     def saelens_state(self) -> dict[str, torch.Tensor]:
         """The inference weights under SAELens' names and shapes."""
-        raise NotImplementedError
+        return {name: getattr(self, name).detach() for name in self.WEIGHTS}
 
+    @torch.no_grad()
     def load_saelens_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of `saelens_state`."""
-        raise NotImplementedError
+        for name in self.WEIGHTS:
+            getattr(self, name).copy_(state[name])

@@ -57,6 +57,7 @@ class LinearSAE(SAE):
     """
 
     apply_b_dec_to_input: bool = True
+    WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
     def __init__(self, d_in: int, d_sae: int, seed: int, dec_norm: float = 1.0):
         super().__init__(d_in, d_sae)
@@ -72,21 +73,8 @@ class LinearSAE(SAE):
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
 
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts @ self.W_dec + self.b_dec
-
     def fold_input_scaling(self, scale: float) -> None:
         fold_scale_into_linear(self, scale)
-
-    # --- SAELens format (see train_sae/saving.py) ------------------------------------------
-    def saelens_state(self) -> dict[str, torch.Tensor]:
-        """The inference weights under SAELens' names."""
-        return {n: getattr(self, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-
-    def load_saelens_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(self, name).copy_(state[name])
 
 
 class UnitNormDecoder:

@@ -70,9 +70,6 @@ class GatedSAE(UnitNormDecoder, SAE):
         pi_gate, magnitude = self.gate_and_magnitude(x)
         return (pi_gate > 0).to(magnitude.dtype) * magnitude
 
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts @ self.W_dec + self.b_dec
-
     def training_forward(self, x: torch.Tensor, progress: TrainProgress) -> TrainOutput:
         pi_gate, magnitude = self.gate_and_magnitude(x)
         acts = (pi_gate > 0).to(magnitude.dtype) * magnitude  # [batch, d_sae]
@@ -87,11 +84,3 @@ class GatedSAE(UnitNormDecoder, SAE):
 
     def fold_input_scaling(self, scale: float) -> None:
         fold_scale_into_linear(self, scale)  # the gate and magnitude paths both read x W_enc
-
-    def saelens_state(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n).detach() for n in self.WEIGHTS}
-
-    def load_saelens_state(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name in self.WEIGHTS:
-                getattr(self, name).copy_(state[name])
