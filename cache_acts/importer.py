@@ -16,10 +16,10 @@ import torch
 
 from cache_acts.engine import Job, run_job
 from cache_acts.rows import RowBatch
+from cache_acts.units import MiB
 from shared.errors import fail
 from shared.store import Manifest, check_dtype, to_storage
 
-MiB = 1 << 20
 READ_BYTES = 32 * MiB  # rows read per step
 
 

@@ -15,12 +15,11 @@ import torch
 from cache_acts.engine import Job, run_job
 from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
 from cache_acts.rows import RowBatch
+from cache_acts.units import MiB
 from shared.errors import fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
 from shared.store import Manifest, check_dtype, to_storage
 from shared.tokens import TokenSpec, count_sequences, iter_token_batches, kept_positions
-
-MiB = 1 << 20
 
 
 @dataclass
