@@ -41,7 +41,16 @@ from cache_acts.writer import (
     write_chunk,
 )
 from shared.errors import fail
-from shared.store import MANIFEST_KEY, Manifest, create_arrays, write_manifest
+from shared.fingerprint import short
+from shared.lock import LOCK_FILE, exclusive
+from shared.store import (
+    ACTS_GROUP,
+    MANIFEST_KEY,
+    META_ARRAYS,
+    Manifest,
+    create_arrays,
+    write_manifest,
+)
 
 FLUSH_BYTES = 16 << 20  # most bytes pass 1 buffers before writing and committing
 
@@ -59,6 +68,7 @@ class Job:
     max_rows: int | None  # cache exactly this many rows (None: all the source gives)
     shuffle_memory: int  # bytes; see cache_acts.shuffle for the bound
     short_message: str = "the source gives only {n} rows but {want} were asked for"
+    nonfinite_hint: str = "the source produced them; fix the source and run again"
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> str:
@@ -66,17 +76,17 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> str:
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; choose a folder path for the store")
     if overwrite:
-        _remove_store(out)
+        remove_store(out)
         return "new"
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not _entries(out):
         return "new"
     if not resume:
         fail(f"--out {out} already exists; pass --resume to continue an interrupted run "
              "or --overwrite to replace it")
-    if _manifest_complete(out):
+    if _read_manifest(out).get("complete"):
         return "complete"
     if RunState.load(tmp_dir(out)) is None:
-        if {p.name for p in out.iterdir()} == {TMP_DIR}:  # killed before its first commit
+        if _entries(out) == {TMP_DIR}:  # killed before its first commit
             shutil.rmtree(tmp_dir(out))
             return "new"
         fail(f"nothing to resume in {out}: it holds no interrupted cache-acts run; "
@@ -84,40 +94,79 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> str:
     return "resume"
 
 
-def _manifest_complete(out: Path) -> bool:
+def _entries(out: Path) -> set[str]:
+    """The names in --out, leaving out the lock of the run that holds it."""
+    return {p.name for p in out.iterdir()} - {LOCK_FILE}
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of the store at `out` as written so far ({} when there is none)."""
     if not (out / "zarr.json").exists():
-        return False
+        return {}
     try:
         raw = zarr.open_group(str(out), mode="r", zarr_format=3).attrs.get(MANIFEST_KEY)
-    except Exception:  # noqa: BLE001 - a half-written zarr.json means "not complete"
-        return False
-    return bool(raw and raw.get("complete"))
+    except Exception:  # noqa: BLE001 - a half-written zarr.json holds no manifest
+        return {}
+    return dict(raw) if isinstance(raw, dict) else {}
 
 
-def _remove_store(out: Path) -> None:
-    """Delete `out` only if it is empty or looks like one of our stores (never a random folder)."""
+def remove_store(out: Path) -> None:
+    """Delete the store at `out` for --overwrite: only a store this project wrote (its manifest,
+    or the resume state of an interrupted run, says so), and only its own files; anything else
+    in the folder stays and is named in the refusal."""
     if not out.exists():
         return
-    entries = {p.name for p in out.iterdir()}
-    if entries and not ({"zarr.json", TMP_DIR} & entries):
-        fail(f"refusing to overwrite {out}: it is not an activation store; choose another --out")
-    shutil.rmtree(out)
+    entries = _entries(out)
+    manifest = _read_manifest(out)
+    ours = {TMP_DIR} & entries if RunState.load(tmp_dir(out)) is not None else set()
+    if manifest:
+        ours |= {"zarr.json", ACTS_GROUP, *META_ARRAYS} & entries
+    elif "zarr.json" in entries:
+        fail(f"refusing to overwrite {out}: it is a Zarr store that cache-acts did not write "
+             "(no manifest); choose another --out")
+    foreign = entries - ours
+    if foreign or not _acts_are_ours(out, manifest):
+        names = sorted(foreign) or [ACTS_GROUP + "/ (arrays not in the manifest)"]
+        fail(f"refusing to overwrite {out}: it holds files cache-acts did not write "
+             f"({', '.join(names[:5])}); move them away or choose another --out")
+    for name in ours:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _acts_are_ours(out: Path, manifest: dict[str, Any]) -> bool:
+    """acts/ holds only the manifest's hook arrays (hook names may nest: `tag/hook`)."""
+    acts = out / ACTS_GROUP
+    if not acts.is_dir():
+        return True
+    hooks = [str(h) for h in manifest.get("hooks", [])]
+    allowed = {"zarr.json"} | {h.split("/")[0] for h in hooks}
+    return {p.name for p in acts.iterdir()} <= allowed
 
 
 def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = False) -> Manifest:
-    """Cache the source into job.out; returns the final manifest."""
+    """Cache the source into job.out, holding the folder's lock; returns the final manifest."""
+    created = not job.out.exists()
+    try:
+        with exclusive(job.out, "cache-acts"):
+            return _run_locked(job, source, resume, overwrite)
+    finally:
+        if created and job.out.is_dir() and not any(job.out.iterdir()):
+            job.out.rmdir()  # a run that failed before writing anything leaves no folder
+
+
+def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool) -> Manifest:
     mode = prepare_out(job.out, resume, overwrite)
     tmp = tmp_dir(job.out)
     if mode == "complete":
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"{job.out} is already complete; nothing to do", file=sys.stderr)
-        return Manifest.from_dict(dict(zarr.open_group(str(job.out), mode="r").attrs[MANIFEST_KEY]))
+        return _already_complete(job)
     m = job.manifest
+    m.settings = job.settings
     rec = record_dtype(m.hooks, m.d_in, m.dtype)
     if mode == "resume":
         state = RunState.load(tmp)
         assert state is not None
-        _check_same_settings(state.settings, job.settings, job.out)
+        check_same_settings(state.settings, job.settings, job.out)
     else:
         k = choose_n_buckets(job.row_bound * rec.itemsize, job.shuffle_memory)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -131,12 +180,50 @@ def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = Fa
     return _gather(job, state, files)
 
 
-def _check_same_settings(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    diff = [f"{k} (was {old.get(k)!r}, now {new.get(k)!r})"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:
-        fail(f"--resume of {out} with different settings: {'; '.join(diff)}; rerun with the "
-             "original options or use --overwrite")
+def _already_complete(job: Job) -> Manifest:
+    """--resume of a finished store: nothing to do, if it was made from the same inputs."""
+    raw = _read_manifest(job.out)
+    if not raw.get("settings"):
+        fail(f"{job.out} is a complete store that records no settings (written by an older "
+             "version), so it cannot be told whether it matches these options; drop --resume to "
+             "use it as it is, or use --overwrite to cache it again")
+    check_same_settings(raw["settings"], job.settings, job.out)
+    shutil.rmtree(tmp_dir(job.out), ignore_errors=True)
+    print(f"{job.out} is already complete; nothing to do", file=sys.stderr)
+    return Manifest.from_dict(raw)
+
+
+def check_same_settings(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    """Refuse a --resume whose options or inputs (by content) differ from the first run's."""
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        parts = [_change(k, old.get(k), new.get(k)) for k in changed]
+        fail(f"--resume of {out} with different inputs: {'; '.join(parts)}; rerun with the "
+             "original options and data, or use --overwrite to start again")
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    if key.endswith("fingerprint"):
+        what = key.removesuffix("_fingerprint").replace("_", " ")
+        return (f"the {what} changed content since the run started (fingerprint "
+                f"{_short_all(old)} -> {_short_all(new)})")
+    return f"{key} (was {old!r}, now {new!r})"
+
+
+def _short_all(fp: Any) -> str:
+    if isinstance(fp, list):
+        return ", ".join(short(f) for f in fp)
+    return short(fp)
+
+
+def _nonfinite_message(job: Job, hook: str, bad: int, size: int, start: int, n: int) -> str:
+    """Non-finite values are refused, never stored: a store holding them would be blamed on the
+    learning rate of every SAE trained on it."""
+    where = f"{bad:,} of the {size:,} values of hook {hook!r} in rows {start:,}-{start + n - 1:,}"
+    if job.manifest.dtype == "float16":
+        return (f"{where} are not finite as float16, whose largest value is 65504; cache with "
+                "--dtype bfloat16 or float32 (and if the source itself holds NaN/inf, fix it)")
+    return f"{where} are NaN or inf; {job.nonfinite_hint}"
 
 
 class _Scatterer(threading.Thread):
@@ -166,11 +253,13 @@ class _Scatterer(threading.Thread):
                         self._commit(pending.cursor, rows_after)
                     return
                 start, batch = item
+                for hook, x in batch.acts.items():  # before any row of the batch is kept
+                    bad = self.stats[hook].add(x, self.job.manifest.dtype)
+                    if bad:
+                        fail(_nonfinite_message(self.job, hook, bad, x.size, start, len(batch)))
                 rows = np.arange(start, start + len(batch), dtype=np.int64)
                 buckets = bucket_of(rows, self.job.manifest.seed, self.state.n_buckets)
                 self.files.append(to_records(batch, self.files.rec), buckets)
-                for hook, x in batch.acts.items():
-                    self.stats[hook].add(x, self.job.manifest.dtype)
                 pending, rows_after = batch, start + len(batch)
                 if self.files.should_flush():
                     self._commit(batch.cursor, rows_after)
@@ -215,12 +304,10 @@ def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles) -> N
         raise writer.error
     n = state.rows_done
     if job.max_rows is not None and n < job.max_rows:
-        shutil.rmtree(files.folder, ignore_errors=True)
-        if not any(job.out.iterdir()):
-            job.out.rmdir()
+        shutil.rmtree(files.folder, ignore_errors=True)  # run_job removes a folder it made
         fail(job.short_message.format(n=n, want=job.max_rows))
     if n == 0:
-        shutil.rmtree(job.out, ignore_errors=True)
+        shutil.rmtree(files.folder, ignore_errors=True)
         fail("the source gave no rows to cache; check the dataset and --drop-special")
     state.phase = GATHER
     state.chunks_done = 0

@@ -18,6 +18,7 @@ from cache_acts.engine import Job, run_job
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.errors import fail
+from shared.fingerprint import files_fingerprint
 from shared.store import Manifest, check_dtype, to_storage
 
 READ_BYTES = 32 * MiB  # rows read per step
@@ -133,8 +134,13 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
         context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, compression=cfg.compression,
         source_files=files,
     )
-    settings = {"files": files, "key": cfg.key, "hook": cfg.hook, "dtype": cfg.dtype,
+    fingerprints = {"model": None, "dataset": files_fingerprint(
+        [s.path for s in sources], "activation files", key=cfg.key)}
+    manifest.fingerprints = fingerprints
+    settings = {"dataset_fingerprint": fingerprints["dataset"], "files": files, "key": cfg.key, "hook": cfg.hook, "dtype": cfg.dtype,
                 "compression": cfg.compression, "seed": cfg.seed, "chunk_rows": cfg.chunk_rows}
     job = Job(out=cfg.out, manifest=manifest, settings=settings, row_bound=n_rows,
-              max_rows=n_rows, shuffle_memory=cfg.shuffle_memory)
+              max_rows=n_rows, shuffle_memory=cfg.shuffle_memory,
+              nonfinite_hint="the input files hold them; remove or fix those rows and import "
+                             "again")
     return run_job(job, batches, resume=resume, overwrite=overwrite)

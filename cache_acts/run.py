@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,13 @@ from cache_acts.units import MiB
 from shared.errors import fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
 from shared.store import Manifest, check_dtype, to_storage
-from shared.tokens import TokenSpec, count_sequences, iter_token_batches, kept_positions
+from shared.tokens import (
+    TokenSpec,
+    count_sequences,
+    iter_token_batches,
+    kept_positions,
+    source_fingerprint,
+)
 
 
 @dataclass
@@ -60,14 +67,20 @@ class RunConfig:
             return []
         return [self.model] if isinstance(self.model, str) else list(self.model)
 
-    def settings(self, choices: list[ModelChoice]) -> dict:
+    def settings(self, choices: list[ModelChoice], fingerprints: dict[str, Any]) -> dict:
         """What decides the store's bytes; a --resume must repeat these (the bucket count is
         kept from the first run, so --shuffle-memory may change). `choices`: the resolved
-        models, whose tags, specs and stored hook names (in order) must all match."""
+        models, whose tags, specs and stored hook names (in order) must all match;
+        `fingerprints`: the models' and the token source's content (`input_fingerprints`)."""
         return {
-            "model": [[c.tag, c.spec] for c in choices],
+            "model_fingerprint": fingerprints["model"],
+            "dataset_fingerprint": fingerprints["dataset"],
+            # the models and the token source are known by the fingerprints above, so a moved
+            # or renamed file with the same bytes resumes; the tags and the packing must match
+            "model": [c.tag for c in choices],
             "hooks": [c.stored(h) for c in choices for h in c.hooks],
-            "dataset": self.tokens.to_dict(),
+            "packing": {k: v for k, v in self.tokens.to_dict().items()
+                        if k not in ("dataset", "split")},
             "max_tokens": self.max_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
             "model_dtype": self.model_dtype, "compression": self.compression, "seed": self.seed,
             "chunk_rows": self.chunk_rows,
@@ -134,13 +147,14 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         row_bound = cfg.max_tokens
     else:
         row_bound = count_sequences(cfg.tokens, tokenizer) * per_sequence
-    settings = cfg.settings(choices)
     single = len(choices) == 1 and choices[0].tag is None
+    fingerprints = input_fingerprints(choices, models, cfg.tokens, single)
+    settings = cfg.settings(choices, fingerprints)
     manifest = Manifest(
         model=model_label(choices, [lm.spec for lm in models]), hooks=settings["hooks"],
         d_in=d_in, dtype=cfg.dtype, n_rows=0, context_size=ctx, seed=cfg.seed,
         chunk_rows=cfg.chunk_rows, prepend_bos=cfg.tokens.prepend_bos,
-        dataset=cfg.tokens.to_dict(), compression=cfg.compression,
+        dataset=cfg.tokens.to_dict(), compression=cfg.compression, fingerprints=fingerprints,
         model_info=models[0].info if single else {
             "models": {c.tag: lm.spec for c, lm in zip(choices, models, strict=True)},
             "per_model": {c.tag: lm.info for c, lm in zip(choices, models, strict=True)},
@@ -150,11 +164,20 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         out=cfg.out, manifest=manifest, settings=settings,
         row_bound=row_bound, max_rows=cfg.max_tokens, shuffle_memory=cfg.shuffle_memory,
         short_message=_too_short("{n}", "{want}", ctx),
+        nonfinite_hint="the model produced them; check the model and its --model-dtype",
     )
     source = model_source(list(zip(choices, models, strict=True)), cfg.tokens, cfg.batch_size,
                           cfg.dtype)
     with torch.inference_mode():
         return run_job(job, source, resume=resume, overwrite=overwrite)
+
+
+def input_fingerprints(choices: list[ModelChoice], models: list[LoadedModel], tokens: TokenSpec,
+                       single: bool) -> dict[str, Any]:
+    """What the store is cached from, by content: {"model": fp (or {tag: fp}), "dataset": fp}."""
+    per_model = {c.tag: lm.info["fingerprint"] for c, lm in zip(choices, models, strict=True)}
+    return {"model": next(iter(per_model.values())) if single else per_model,
+            "dataset": source_fingerprint(tokens)}
 
 
 def _too_short(have: object, want: object, ctx: int) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BytesCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
@@ -36,17 +37,21 @@ class StatsSums:
         self.norm_sum = norm_sum
         self.count = count
 
-    def add(self, x: np.ndarray, dtype: str) -> None:
-        """x: [n, d_in] in storage dtype; statistics are of the values as stored. The column
-        sums accumulate in float64 without a float64 copy of x; the squared row norms are
-        float32 dot products (relative error ~1e-7, far below what a mean norm is used for)."""
+    def add(self, x: np.ndarray, dtype: str) -> int:
+        """x: [n, d_in] in storage dtype; statistics are of the values as stored. Returns the
+        number of values that are not finite (NaN or inf), in which case nothing is added.
+        Sums and norms are computed in float64: squares of float32 values above ~1e19 would
+        overflow float32 (and give mean_norm inf, which would scale every input to 0)."""
         if len(x) == 0:
-            return
-        v = from_storage(x, dtype).float().numpy()  # [n, d_in] float32 (exact for f16/bf16)
-        self.total += v.sum(0, dtype=np.float64)
-        sq = np.einsum("ij,ij->i", v, v)  # [n] squared L2 norms
-        self.norm_sum += float(np.sqrt(sq, dtype=np.float64).sum())
+            return 0
+        v64 = from_storage(x, dtype).to(torch.float64).numpy()  # [n, d_in], exact widening
+        bad = v64.size - int(np.isfinite(v64).sum())
+        if bad:
+            return bad
+        self.total += v64.sum(0)
+        self.norm_sum += float(np.sqrt(np.einsum("ij,ij->i", v64, v64)).sum())
         self.count += len(x)
+        return 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total.tolist(), "norm_sum": self.norm_sum, "count": self.count}

@@ -35,6 +35,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from shared.errors import fail
+from shared.fingerprint import digest_of, file_digest, files_fingerprint, folder_files
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -80,21 +81,25 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") ->
         model = _load_gguf(path)
         canonical = f"gguf:{path.name}"
         source = {"kind": "embedded", "path": str(path)}
+        fingerprint = files_fingerprint([path], "gguf", name=path.name)
     elif spec.startswith("random:"):
         path = Path(spec[len("random:") :]).expanduser()
         model, digest, config = _load_random(path)
         canonical = f"random:{digest}"
         source = {"kind": "random", "path": str(path.resolve()), "config": config}
+        fingerprint = _random_fingerprint(config)
     elif Path(spec).expanduser().exists():
         path = Path(spec).expanduser()
         if path.is_dir():
             model = _load_hf_folder(path)
             canonical = f"hf:{path.resolve().name}"
             source = {"kind": "hf", "path": str(path.resolve())}
+            fingerprint = files_fingerprint(folder_files(path), "hf", name=path.resolve().name)
         elif path.suffix == ".gguf":
             model = _load_gguf(path)
             canonical = f"gguf:{path.name}"
             source = {"kind": "gguf", "path": str(path.resolve())}
+            fingerprint = files_fingerprint([path], "gguf", name=path.name)
         else:
             fail(
                 f"model file {spec} is neither a .gguf file nor a Hugging Face checkpoint folder; "
@@ -107,6 +112,7 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") ->
         model = _load_hub(official)
         canonical = official
         source = {"kind": "hub", "name": official}
+        fingerprint = _hub_fingerprint(official)
 
     model.eval()
     model.requires_grad_(False)
@@ -114,7 +120,34 @@ def load_model(spec: str | None, device: str = "cpu", dtype: str = "float32") ->
     model.to(device, print_details=False)
     info = _describe(model, dtype)
     info["source"] = source
+    info["fingerprint"] = fingerprint
     return LoadedModel(model=model, spec=canonical, info=info)
+
+
+def _random_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """A random model is its config (whose seed fixes the weights) plus a local tokenizer's files."""
+    tokenizer = config.get("tokenizer_name")
+    files = (folder_files(Path(tokenizer)) if isinstance(tokenizer, str) and Path(tokenizer).is_dir()
+             else [])
+    return {"kind": "random", "digest": digest_of([config, [file_digest(f) for f in files]])}
+
+
+def _hub_fingerprint(official: str) -> dict[str, Any]:
+    """A hub model is its name and, where the local hub cache knows it, the commit it was
+    downloaded at (refs/main); without one, only the name can be compared."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    revision = None
+    try:
+        from huggingface_hub import constants
+
+        repo = loading.get_official_model_name(official)
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "refs" / "main"
+        revision = ref.read_text().strip() if ref.is_file() else None
+    except Exception:  # noqa: BLE001 - the revision is extra knowledge, never a requirement
+        pass
+    return {"kind": "hub", "name": official, "revision": revision,
+            "digest": digest_of([official, revision])}
 
 
 def _parse_dtype(dtype: str) -> torch.dtype:

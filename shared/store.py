@@ -27,6 +27,7 @@ import torch
 import zarr
 
 from shared.errors import fail
+from shared.fingerprint import digest_of
 
 # Every chunk gets a file, even an all-zero one, so readers can memory-map chunk files blindly.
 # (Zarr's runtime config is per process and not stored in the arrays, so it is set here, where
@@ -115,6 +116,11 @@ class Manifest:
     source_files: list[str] = field(default_factory=list)
     # free-form facts about the model (n_layers, d_vocab, tokenizer name, ...)
     model_info: dict[str, Any] = field(default_factory=dict)
+    # what the inputs are by content (shared.fingerprint): {"model": fp, or {tag: fp} for several
+    # models, or None for imports; "dataset": fp of the token source or of the imported files}
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    # the options that decided the bytes (cache-acts' resume settings); a --resume must repeat them
+    settings: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,10 +128,32 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """Raises ValueError (or KeyError/TypeError) for a malformed manifest."""
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["stats"] = {h: HookStats.from_dict(s) for h, s in d.get("stats", {}).items()}
-        return cls(**d)
+        m = cls(**d)
+        m._check()
+        return m
+
+    def _check(self) -> None:
+        """The types and relations every reader relies on."""
+        ints = (self.n_rows, self.chunk_rows, self.context_size, self.seed, self.format_version)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise ValueError("n_rows, chunk_rows, context_size, seed and format_version must be "
+                             "whole numbers")
+        if self.n_rows < 0 or self.chunk_rows < 1:
+            raise ValueError(f"n_rows {self.n_rows} / chunk_rows {self.chunk_rows} out of range")
+        if not isinstance(self.hooks, list) or not all(isinstance(h, str) for h in self.hooks):
+            raise ValueError("hooks must be a list of names")
+        if set(self.d_in) != set(self.hooks) or not all(
+                isinstance(v, int) and v > 0 for v in self.d_in.values()):
+            raise ValueError("d_in must give a positive width for every hook")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.complete and any(len(self.checksums.get(p, [])) != self.n_chunks
+                                 for p in self.array_paths()):
+            raise ValueError("a complete store needs one checksum per chunk of every array")
 
     @property
     def n_chunks(self) -> int:
@@ -133,6 +161,15 @@ class Manifest:
 
     def array_paths(self) -> list[str]:
         return [acts_path(h) for h in self.hooks] + list(META_ARRAYS)
+
+
+def store_fingerprint(manifest: Manifest) -> dict[str, Any]:
+    """A complete store by content: its shape, dtype and the CRC32 of every chunk (which cover
+    every stored byte), plus the fingerprints of what it was cached from."""
+    assert manifest.complete
+    content = [manifest.format_version, manifest.hooks, manifest.d_in, manifest.dtype,
+               manifest.n_rows, manifest.chunk_rows, manifest.checksums, manifest.fingerprints]
+    return {"kind": "store", "n_rows": manifest.n_rows, "digest": digest_of(content)}
 
 
 def acts_path(hook: str) -> str:
@@ -187,6 +224,18 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
     group.attrs[MANIFEST_KEY] = manifest.to_dict()
 
 
+def seal(group: zarr.Group, manifest: Manifest) -> None:
+    """Mark a store whose arrays are fully written complete: record every chunk's checksum (read
+    back from the arrays) and write the final manifest. For stores written outside cache-acts'
+    engine (benchmarks, tests), which checksums chunks as it writes them."""
+    rows = manifest.chunk_rows
+    manifest.checksums = {
+        path: [checksum(group[path][lo:lo + rows]) for lo in range(0, manifest.n_rows, rows)]
+        for path in manifest.array_paths()}
+    manifest.complete = True
+    write_manifest(group, manifest)
+
+
 class Store:
     """Read access to a store: the manifest, the arrays, and chunk files for memory-mapping."""
 
@@ -221,6 +270,22 @@ class Store:
         """Rows [start, stop) of one hook as a torch tensor of the logical dtype."""
         return from_storage(self.acts(hook)[start:stop], self.manifest.dtype)
 
+    def check_shapes(self) -> None:
+        """Every array exists with the manifest's row count and widths (a store whose arrays
+        were padded, cut or swapped must not be read as if it were whole)."""
+        m = self.manifest
+        for path in m.array_paths():
+            hook = path[len(ACTS_GROUP) + 1:] if path.startswith(ACTS_GROUP + "/") else None
+            want = (m.n_rows, m.d_in[hook]) if hook is not None else (m.n_rows,)
+            try:
+                shape = tuple(self.group[path].shape)
+            except Exception as e:  # noqa: BLE001 - a missing or unreadable array is damage
+                fail(f"store {self.path} is damaged: array {path} cannot be opened ({e}); "
+                     "recreate it with `cache-acts run --overwrite`")
+            if shape != want:
+                fail(f"store {self.path} is damaged: array {path} has shape {shape} but the "
+                     f"manifest says {want}; recreate it with `cache-acts run --overwrite`")
+
     def memmappable(self) -> bool:
         """True when chunk files are raw little-endian bytes on a local disk."""
         return self.manifest.compression in (None, "none") and self.path.exists()
@@ -247,7 +312,11 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
     raw = group.attrs.get(MANIFEST_KEY)
     if raw is None:
         fail(f"{p} is a Zarr group without a manifest; it was not written by cache-acts")
-    manifest = Manifest.from_dict(dict(raw))
+    try:
+        manifest = Manifest.from_dict(dict(raw))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        fail(f"the manifest of store {p} is malformed ({e}); recreate the store with "
+             "`cache-acts run --overwrite`")
     if manifest.format_version > FORMAT_VERSION:
         fail(
             f"{p} has store format {manifest.format_version}, newer than this version "
@@ -258,4 +327,7 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
             f"store {p} is not complete (a run was interrupted); finish it with "
             "`cache-acts run ... --resume` or recreate it with --overwrite"
         )
-    return Store(p, group, manifest)
+    store = Store(p, group, manifest)
+    if manifest.complete:
+        store.check_shapes()
+    return store

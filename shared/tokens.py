@@ -90,8 +90,8 @@ def check_source(spec: TokenSpec, tokenizer: Any) -> None:
         )
     if spec.prepend_bos and (tokenizer is None or tokenizer.bos_token_id is None):
         fail(
-            "--prepend-bos needs a BOS token but the model has no tokenizer (or its tokenizer "
-            "has no BOS); pass --no-prepend-bos"
+            "prepending BOS (the default --bos) needs a BOS token but the model has no "
+            "tokenizer (or its tokenizer has no BOS); pass --no-bos"
         )
     if spec.drop_special and tokenizer is None:
         fail("--drop-special needs the model's tokenizer to know its special tokens; drop the flag")
@@ -288,8 +288,13 @@ def _rows(spec: TokenSpec, column: str) -> Iterator[Any]:
 
 def _checked(value: Any, want_tokens: bool, column: str, where: str) -> Any:
     if want_tokens:
-        if not isinstance(value, list | tuple) or not all(isinstance(t, int) for t in value):
+        if not isinstance(value, list | tuple):
             fail(f"{where}: column {column!r} must hold a list of token ids, not {type(value).__name__}")
+        bad = [t for t in value if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            kind = "null" if bad[0] is None else type(bad[0]).__name__
+            fail(f"{where}: column {column!r} holds {kind} values ({bad[0]!r}); token ids must "
+                 "be whole numbers")
         return list(value)
     if not isinstance(value, str):
         fail(f"{where}: column {column!r} must hold text, not {type(value).__name__}")
@@ -321,8 +326,9 @@ def _file_values(file: Path, column: str, want_tokens: bool) -> Iterator[Any]:
             fail(f"{file} is plain text and has no token column; drop --token-column")
         yield _read(file)  # one document per text file
     elif file.suffix == ".jsonl":
-        with _open(file) as f:
-            for line_no, line in enumerate(f, 1):
+        with _open(file) as f:  # bytes, decoded line by line to name a line that is not UTF-8
+            for line_no, raw in enumerate(f, 1):
+                line = _decode(raw, f"line {line_no} of {file}")
                 if line.strip():
                     yield _column(_json(line, file, line_no), column, file)
     elif file.suffix == ".json":
@@ -337,18 +343,21 @@ def _file_values(file: Path, column: str, want_tokens: bool) -> Iterator[Any]:
 
 def _open(file: Path):
     try:
-        return file.open(encoding="utf-8")
+        return file.open("rb")
     except OSError as e:
         fail(f"cannot read dataset file {file}: {e.strerror}")
 
 
 def _read(file: Path) -> str:
+    with _open(file) as f:
+        return _decode(f.read(), f"dataset file {file}")
+
+
+def _decode(data: bytes, where: str) -> str:
     try:
-        return file.read_text(encoding="utf-8")
-    except OSError as e:
-        fail(f"cannot read dataset file {file}: {e.strerror}")
-    except UnicodeDecodeError:
-        fail(f"dataset file {file} is not UTF-8 text")
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{where} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. with iconv")
 
 
 def _json(text: str, file: Path, line_no: int | None) -> Any:
@@ -405,3 +414,41 @@ def _hub_values(spec: TokenSpec, column: str) -> Iterator[Any]:
         if column not in row:
             fail(_missing_column(column, list(row), f"hub dataset {spec.dataset}"))
         yield row[column]
+
+
+def source_fingerprint(spec: TokenSpec) -> dict[str, Any]:
+    """What the token source is, by content (shared.fingerprint): the bytes of the local files in
+    the order they are read, or a hub dataset's name, split and revision, plus the column read.
+    Packing options (context size, BOS, ...) are not part of it: they cut the same stream
+    differently. Local files have no splits, so the split is not part of theirs."""
+    from shared.fingerprint import digest_of, files_fingerprint
+
+    column = {"token_column": spec.token_column} if spec.token_column else {
+        "text_column": spec.text_column}
+    if spec.dataset is None:
+        from shared.embedded import shakespeare_files
+
+        return files_fingerprint(list(shakespeare_files()), "embedded", **column)
+    path = Path(spec.dataset).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        if all(f.suffix in TEXT_SUFFIXES for f in files):
+            column = {}  # a text file is one document whatever the column option says
+        fp = files_fingerprint(files, "local", **column)
+        fp["files_digest"] = fp["digest"]  # the bytes alone, for "same files, other column"
+        fp["digest"] = digest_of([fp["digest"], column])
+        return fp
+    revision = _hub_revision(spec.dataset)
+    return {"kind": "hub", "name": spec.dataset, "split": spec.split, "revision": revision,
+            **column, "digest": digest_of([spec.dataset, spec.split, revision, column])}
+
+
+def _hub_revision(name: str) -> str | None:
+    """The commit of a hub dataset, when the hub can be asked (None offline: then only the
+    name and split can be compared)."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        return None if constants.HF_HUB_OFFLINE else HfApi().dataset_info(name, timeout=10).sha
+    except Exception:  # noqa: BLE001 - the revision is extra knowledge, never a requirement
+        return None

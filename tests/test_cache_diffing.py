@@ -237,7 +237,7 @@ def test_interrupted_run_resumes_to_the_same_store(monkeypatch, capsys, data, tm
     monkeypatch.setattr(run_module, "capture", real)
     state = json.loads((tmp_path / "cut" / TMP_DIR / STATE_FILE).read_text())
     assert state["phase"] == "scatter" and 0 < state["rows_done"] < 40 * CTX
-    with pytest.raises(UserError, match="different settings: hooks .*; model "):
+    with pytest.raises(UserError, match="different inputs: hooks .*; model "):
         run_cache(config(tmp_path / "cut", models[::-1]), resume=True)
     run_cache(config(tmp_path / "cut", models), resume=True)
     a, b = zarr.open_group(str(tmp_path / "ref"), mode="r"), zarr.open_group(

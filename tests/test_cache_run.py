@@ -205,7 +205,7 @@ def test_existing_out_and_resume_settings(monkeypatch, capsys, data):
     (data / "again" / "zarr.json").write_text(json.dumps(manifest))
     code, _, err = cli(monkeypatch, capsys, *base_args(data, "again"), "--tokens", "100",
                        "--resume")
-    assert code == 2 and "--resume of" in err and "different settings" in err
+    assert code == 2 and "--resume of" in err and "different inputs" in err
 
 
 def _state(out: Path) -> dict | None:

@@ -22,8 +22,8 @@ from shared.store import (
     create_store,
     from_storage,
     open_store,
+    seal,
     to_storage,
-    write_manifest,
 )
 from train_sae.loader import THREAD_NAME, ActivationLoader, BatchPlan
 
@@ -53,8 +53,7 @@ def make_store(
             manifest.stats[hook] = HookStats(
                 mean=values.mean(0).tolist(), mean_norm=values.norm(dim=1).mean().item()
             )
-    manifest.complete = True
-    write_manifest(group, manifest)
+    seal(group, manifest)
     return open_store(path)
 
 

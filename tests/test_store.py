@@ -15,8 +15,8 @@ from shared.store import (
     create_store,
     from_storage,
     open_store,
+    seal,
     to_storage,
-    write_manifest,
 )
 
 
@@ -60,8 +60,8 @@ def test_open_refuses_missing_foreign_and_incomplete_stores(tmp_path):
 
 def test_a_complete_store_opens_and_reports_unknown_hooks(tmp_path):
     group = create_store(tmp_path / "s", manifest())
-    m = manifest(complete=True)
-    write_manifest(group, m)
+    m = manifest()
+    seal(group, m)
     store = open_store(tmp_path / "s")
     assert store.manifest == m
     with pytest.raises(UserError, match="it holds: h"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import invoke
 
-from shared.store import HookStats, Manifest, create_store, write_manifest
+from shared.store import HookStats, Manifest, create_store, seal
 from train_sae.cli import main
 from train_sae.saving import load_sae
 from train_sae.synthetic import make_sparse_data, write_synthetic_store
@@ -65,9 +65,8 @@ def test_incomplete_and_multi_hook_stores(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "run", *base(tmp_path / "st", tmp_path / "o"),
                        "--arch", "topk", "--width", 8, "--k", 2)
     assert code == 2 and "not complete" in err
-    m.complete = True
     m.stats = {h: HookStats(mean=[0.0] * 4, mean_norm=1.0) for h in ("a", "b")}
-    write_manifest(group, m)
+    seal(group, m)
     code, _, err = cli(monkeypatch, capsys, "run", *base(tmp_path / "st", tmp_path / "o"),
                        "--arch", "topk", "--width", 8, "--k", 2)
     assert code == 2 and "several hooks (a, b); choose one with --hook" in err

@@ -28,7 +28,7 @@ from shared.store import (
     acts_path,
     create_store,
     open_store,
-    write_manifest,
+    seal,
 )
 from train_sae.loader import ActivationLoader
 
@@ -107,8 +107,7 @@ def write_bench_store(path: Path, n_rows: int, d_in: int, chunk_rows: int) -> No
         array[lo : lo + len(x)] = x
         norm_sum += float(np.linalg.norm(x.astype(np.float64), axis=1).sum())
     manifest.stats["bench"] = HookStats(mean=[0.0] * d_in, mean_norm=norm_sum / n_rows)
-    manifest.complete = True
-    write_manifest(group, manifest)
+    seal(group, manifest)
 
 
 app = typer.Typer(add_completion=False)
