@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from shared.atomic import check_out
 from shared.errors import fail, run_cli
 
 app = typer.Typer(
@@ -33,7 +34,9 @@ def local_out(out: str) -> Path:
     """The one place --out is interpreted; remote fsspec URLs can be added here."""
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", out):
         fail(f"--out {out} is a URL; only local paths are supported, write locally and copy")
-    return Path(out).expanduser()
+    path = Path(out).expanduser()
+    check_out(path)
+    return path
 
 
 def check_compression(text: str) -> str | None:
@@ -139,9 +142,11 @@ def import_command(
     """Build a shuffled store from activations you already have."""
     from cache_acts.importer import ImportConfig, import_files
     from cache_acts.inspect_store import info
+    from cache_acts.model_list import check_hook_name
     from cache_acts.units import parse_size
 
     _modes(resume, overwrite)
+    check_hook_name(hook)
     cfg = ImportConfig(
         files=files, hook=hook, out=local_out(out), key=key, dtype=dtype,
         compression=check_compression(compression), seed=seed, chunk_rows=chunk_rows,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cache_acts.engine import Job, run_job
+from cache_acts.model_list import check_hook_name
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.errors import fail
@@ -41,8 +42,9 @@ class ImportConfig:
         check_dtype(self.dtype)
         if not self.files:
             fail("no input files; pass one or more .npy or .safetensors files")
-        if not self.hook or "/" in self.hook:
-            fail(f"--hook {self.hook!r} must be a non-empty name without '/'")
+        check_hook_name(self.hook)
+        if "/" in self.hook:  # tags (TAG/HOOK) name models of `cache-acts run`
+            fail(f"--hook {self.hook!r} must be a name without '/'")
         if self.chunk_rows < 1:
             fail(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
 

@@ -102,14 +102,21 @@ def verify(path: Path, progress: bool = True) -> str:
         for p in m.array_paths():
             arr = store.array(p)
             for c, expected in enumerate(m.checksums[p]):
-                block = arr[c * m.chunk_rows:(c + 1) * m.chunk_rows]
-                if checksum(np.asarray(block)) != expected:
-                    bad.append(f"{p} chunk {c}")
+                try:
+                    block = np.asarray(arr[c * m.chunk_rows:(c + 1) * m.chunk_rows])
+                    if checksum(block) != expected:
+                        bad.append(f"{p} chunk {c} does not match its checksum")
+                except (ValueError, RuntimeError, OSError) as e:  # truncated, extended, undecodable
+                    bad.append(f"{p} chunk {c} cannot be read ({_first_line(e)})")
                 bar.update(1)
     if bad:
-        fail(f"store {path} is damaged: {len(bad)} of {total} chunks do not match their "
-             f"checksums (first: {bad[0]}); recreate it with --overwrite")
+        fail(f"store {path} is damaged: {len(bad)} of {total} chunks are bad (first: {bad[0]}); "
+             "recreate it with --overwrite")
     return f"ok: {path} ({m.n_rows:,} rows, {total} chunks verified)"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_array(store: Store, p: str, problems: list[str]) -> None:

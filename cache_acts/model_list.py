@@ -15,12 +15,15 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from shared.errors import UserError, fail
-from shared.models import LoadedModel
 from shared.tokens import TokenSpec, iter_token_batches
+
+if TYPE_CHECKING:  # shared.models imports transformer_lens (seconds); `import` needs only the check
+    from shared.models import LoadedModel
 
 _TAGGED = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)=(.+)")
 _SAMPLE_SEQUENCES = 16  # packed sequences tokenized by every model to compare their tokenizers
@@ -49,8 +52,31 @@ class ModelChoice:
             raise UserError(f"model {self.tag}: {e}") from None
 
 
+def check_hook_name(hook: str, option: str = "--hook") -> None:
+    """Refuse (UserError) a hook name that cannot name a store array `acts/<hook>` safely: Zarr
+    v3 names are separated by '/', each non-empty, not all periods and not starting with '__';
+    a backslash or a control character would be an unsafe path on some systems."""
+    parts = hook.split("/")
+    if not hook:
+        why = "it is empty"
+    elif "" in parts:
+        why = "it has a leading, trailing or double '/'"
+    elif any(set(p) == {"."} for p in parts):
+        why = "'.' and '..' are not names"
+    elif any(p.startswith("__") for p in parts):
+        why = "names starting with '__' are reserved by Zarr"
+    elif any(c == "\\" or not c.isprintable() for c in hook):
+        why = "it holds a backslash or a control character"
+    else:
+        return
+    fail(f"{option} {hook!r} cannot name a stored array ({why}); give a hook name such as "
+         "blocks.0.hook_resid_post")
+
+
 def parse_models(models: list[str], hooks: list[str]) -> list[ModelChoice]:
     """`--model` values ([] = the embedded default) and `--hook` values -> one choice per model."""
+    for hook in hooks:
+        check_hook_name(hook)
     if not models:
         if hooks:
             return [ModelChoice(None, None, tuple(hooks))]

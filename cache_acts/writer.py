@@ -25,7 +25,7 @@ from zarr.codecs import BytesCodec
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.storage import LocalStore
 
-from shared.store import HookStats, checksum, from_storage
+from shared.store import HookStats, checksum, count_nonfinite, from_storage
 
 
 class StatsSums:
@@ -44,10 +44,10 @@ class StatsSums:
         overflow float32 (and give mean_norm inf, which would scale every input to 0)."""
         if len(x) == 0:
             return 0
-        v64 = from_storage(x, dtype).to(torch.float64).numpy()  # [n, d_in], exact widening
-        bad = v64.size - int(np.isfinite(v64).sum())
+        bad = count_nonfinite(x, dtype)
         if bad:
             return bad
+        v64 = from_storage(x, dtype).to(torch.float64).numpy()  # [n, d_in], exact widening
         self.total += v64.sum(0)
         self.norm_sum += float(np.sqrt(np.einsum("ij,ij->i", v64, v64)).sum())
         self.count += len(x)

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.errors import fail
+
 
 def temporary_sibling(path: Path) -> Path:
     """Where `atomic_write` writes before renaming (same folder, so the rename is atomic)."""
@@ -17,12 +19,27 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Fa
     """Write `path` through `write(temporary path)`, then rename it into place. `durable` also
     fsyncs the new bytes first, so they survive a power cut, not only a killed process."""
     tmp = temporary_sibling(path)
-    write(tmp)
-    if durable:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C...: leave no torn .tmp behind, the old file stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def check_out(path: Path, option: str = "--out") -> None:
+    """Refuse (UserError) an output folder that cannot be created or written: a part of it that
+    is a file, or a nearest existing folder without write permission."""
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        fail(f"{option} {path}: {existing} is a file, not a folder; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"{option} {path}: folder {existing} is not writable; choose another {option} or "
+             "fix its permissions")

@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 import typer
+import typer.main
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 EXIT_USAGE = 2
@@ -31,22 +32,44 @@ def _die(message: str) -> NoReturn:
     sys.exit(EXIT_USAGE)
 
 
+# OSErrors about a path the user chose (an --out in a read-only folder or below a file, an
+# unreadable input): one line naming the path, like a UserError
+_PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
+def _command_options(app: typer.Typer) -> set[str]:
+    """The option names (`--out`, `--resume`, ...) of the sub-command named in sys.argv, so a
+    message suggests only options the failed command has (eval and report have no --resume)."""
+    group = typer.main.get_command(app)
+    name = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    command = getattr(group, "commands", {}).get(name)
+    return {opt for param in (command.params if command else []) for opt in param.opts}
+
+
+def _rerun(options: set[str]) -> str:
+    return "rerun with --resume to continue" if "--resume" in options else "rerun the command"
+
+
 def run_cli(app: typer.Typer) -> None:
-    """Run a typer app; UserError, a full disk and Ctrl-C become one line and exit code 2."""
+    """Run a typer app; UserError, a full disk, an unusable path and Ctrl-C become one line and
+    exit code 2."""
     try:
         # Not standalone: otherwise click turns Ctrl-C into its own "Aborted!" with exit 1.
         result = app(standalone_mode=False)
     except UserError as e:
         _die(str(e))
     except OSError as e:
+        options = _command_options(app)
+        other_out = " or choose another --out" if "--out" in options else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _die(
-                f"the disk is full while writing {e.filename or 'the output'}; free space or "
-                "choose another --out, then rerun with --resume"
-            )
+            _die(f"the disk is full while writing {e.filename or 'the output'}; free space"
+                 f"{other_out}, then {_rerun(options)}")
+        if e.errno in _PATH_ERRNOS and e.filename is not None:
+            _die(f"cannot use {e.filename}: {e.strerror}; check the path and its permissions"
+                 f"{other_out}")
         raise
     except (KeyboardInterrupt, typer.Abort):
-        _die("interrupted; rerun with --resume to continue")
+        _die(f"interrupted; {_rerun(_command_options(app))}")
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else e.format_message(), file=sys.stderr)
         sys.exit(EXIT_USAGE)
@@ -54,6 +77,6 @@ def run_cli(app: typer.Typer) -> None:
         hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
         _die(e.format_message().replace("\n", " ") + hint)
     if result == _EXIT_INTERRUPTED:
-        _die("interrupted; rerun with --resume to continue")
+        _die(f"interrupted; {_rerun(_command_options(app))}")
     if isinstance(result, int) and result != 0:  # typer.Exit(code) from a command
         sys.exit(result)

@@ -81,6 +81,14 @@ def checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data)
 
 
+def count_nonfinite(a: np.ndarray, dtype: str) -> int:
+    """NaN/inf values in a stored block (bfloat16 as uint16 bits: NaN/inf have every exponent
+    bit set)."""
+    if dtype == "bfloat16":
+        return int(np.count_nonzero((a & 0x7F80) == 0x7F80))
+    return a.size - int(np.count_nonzero(np.isfinite(a)))
+
+
 @dataclass
 class HookStats:
     """Per-hook statistics computed while caching (float64 sums, so exact enough at any size)."""

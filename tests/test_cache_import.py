@@ -108,8 +108,8 @@ def test_info_and_verify(monkeypatch, capsys, sources):
     chunk.write_bytes(bytes(raw))
     code, out, err = cli(monkeypatch, capsys, "verify", path)
     assert code == 2 and err.strip().splitlines() == [
-        f"error: store {path} is damaged: 1 of 68 chunks do not match their checksums "
-        "(first: acts/resid chunk 3); recreate it with --overwrite"]
+        f"error: store {path} is damaged: 1 of 68 chunks are bad "
+        "(first: acts/resid chunk 3 does not match its checksum); recreate it with --overwrite"]
 
 
 class SimulatedCrash(Exception):

@@ -144,7 +144,7 @@ def test_report_errors(tmp_path: Path):
     bad = tmp_path / "s" / "m"
     bad.mkdir(parents=True)
     (bad / "metrics.json").write_text("{not json")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="metrics.json cannot be read"):
         write_report(tmp_path / "s")
 
 

@@ -192,7 +192,7 @@ def test_tokenizer_requirements(tmp_path: Path, tiny_tokenizer):
     for prepend_bos in (True, False):
         with pytest.raises(UserError, match="this model has no tokenizer; use --token-column"):
             check_source(TokenSpec(str(path), prepend_bos=prepend_bos), None)
-    with pytest.raises(UserError, match="--no-prepend-bos"):
+    with pytest.raises(UserError, match="pass --no-bos"):
         check_source(TokenSpec(str(path), token_column="tokens"), None)
     with pytest.raises(UserError, match="--drop-special needs"):
         check_source(TokenSpec(str(path), token_column="tokens", prepend_bos=False, drop_special=True), None)

@@ -112,7 +112,7 @@ def test_resume_with_changed_options_is_refused(store, tmp_path, monkeypatch, ca
     (out / "sweep.json").write_text(json.dumps({"status": "running", "store": "elsewhere"}))
     code, _, err = cli(monkeypatch, capsys, "run", *base(store, out), "--arch", "topk",
                        "--width", 16, "--k", 2, "--resume")
-    assert code == 2 and "options differ" in err and "store" in err
+    assert code == 2 and "is not the one the sweep" in err and "store" in err
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -17,6 +17,8 @@ from shared.atomic import atomic_write, temporary_sibling
 from shared.errors import fail
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# what every checkpoint written since stores were fingerprinted holds
+REQUIRED_KEYS = frozenset({"step", "torch_rng", "members", "store_fingerprint"})
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
@@ -31,9 +33,20 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to remove
-        fail(f"checkpoint {path} cannot be read ({e}); delete it to restart, or use --overwrite")
+        fail(f"checkpoint {path} cannot be read ({_first_line(e)}); restore it, or start again "
+             "with --overwrite")
+    if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
+        fail(f"{path} is not a train-sae sweep checkpoint (it lacks "
+             f"{', '.join(sorted(REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS))}); "
+             "restore the sweep's own checkpoint, or start again with --overwrite")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def remove_checkpoint(folder: Path) -> None:

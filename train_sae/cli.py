@@ -13,10 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
+from shared.atomic import check_out
 from shared.errors import fail, run_cli
 from train_sae.cli_eval import eval_command, report_command
 from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
-from train_sae.sweep import GridSpec, expand_grid, load_toml, parse_list
+from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
 from train_sae.trainer import MemberResult, prepare, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -80,33 +81,38 @@ def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens:
            checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
            config: Path | None, arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
            resample_at: str | None, flags: dict[str, str | None]) -> list[MemberResult]:
+    check_out(out)
     cfg = TrainConfig(store=str(store), out=str(out), hooks=tuple(hook or ()), tokens=tokens,
                       batch_size=batch_size, device=device, seed=seed,
                       checkpoint_every=checkpoint_every, log_every=log_every,
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize)
-    plan = prepare(cfg)
-    values = {FLAG_KEYS[f]: parse_list(v, "--" + f.replace("_", "-"))
+    # every value typed here, where it enters (a bad one fails before the store is opened)
+    values = {FLAG_KEYS[f]: parse_list(v, _flag(f), option_type(FLAG_KEYS[f]))
               for f, v in flags.items() if v is not None}
     for item in param or []:
         name, sep, vals = item.partition("=")
-        if not sep or not name.strip():
+        name = name.strip()
+        if not sep or not name:
             fail(f"--param {item!r} is not NAME=V1,V2; e.g. --param bandwidth=0.001,0.01")
-        values[name.strip()] = parse_list(vals, f"--param {name.strip()}")
-    grid_given = arch or width or expansion or values or resample_at
+        values[name] = parse_list(vals, f"--param {name}", option_type(name))
+    spec = None  # the grid; None: the members are listed in --config
     if config is not None:
-        if grid_given:
+        if arch or width or expansion or values or resample_at:
             fail("give either --config or grid options (--arch, --width, ...), not both")
+    elif not arch:
+        fail("no architecture given; pass --arch (e.g. --arch topk) or --config sweep.toml")
+    else:
+        at = tuple(parse_list(resample_at, "--resample-at", float)) if resample_at \
+            else DEFAULT_RESAMPLE_AT
+        spec = GridSpec(archs=parse_list(arch, "--arch", str),
+                        widths=parse_list(width, "--width", int) if width else [],
+                        expansions=parse_list(expansion, "--expansion", float) if expansion else [],
+                        values=values, resample_at=at)
+    plan = prepare(cfg)
+    if spec is None:
         members = load_toml(config, plan.d_in, batch_size, plan.total_steps)
     else:
-        if not arch:
-            fail("no architecture given; pass --arch (e.g. --arch topk) or --config sweep.toml")
-        at = tuple(parse_list(resample_at, "--resample-at")) if resample_at else DEFAULT_RESAMPLE_AT
-        spec = GridSpec(archs=parse_list(arch, "--arch"),
-                        widths=[int(w) for w in parse_list(width, "--width")] if width else [],
-                        expansions=parse_list(expansion, "--expansion") if expansion else [],
-                        values=values, resample_at=at)
-        _check_ints(spec)
         members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps)
     if single and len(members) != 1:
         fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
@@ -124,14 +130,8 @@ def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens:
     return results
 
 
-def _check_ints(spec: GridSpec) -> None:
-    for a in spec.archs:
-        if not isinstance(a, str):
-            fail(f"--arch takes architecture names, got {a!r}")
-    for key in ("k", "k_aux", "lr_warmup_steps"):
-        for v in spec.values.get(key, []):
-            if not isinstance(v, int) or isinstance(v, bool):
-                fail(f"--{key.replace('_', '-')} takes whole numbers, got {v!r}")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _train_command(single: bool):

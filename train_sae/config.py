@@ -165,6 +165,28 @@ class TrainConfig:
         return d
 
 
+# what each value type is called in messages, and an example of one
+_KINDS: dict[type, tuple[str, str]] = {
+    int: ("whole numbers", "64"), float: ("finite numbers", "0.001"), bool: ("on/off values", "on"),
+    str: ("names", '"topk"'),
+}
+
+
+def typed(value: Any, kind: type, what: str) -> Any:
+    """`value` (as parsed from the command line or a TOML file) as a `kind` (int, float, bool or
+    str), or a UserError naming `what` (the option) and the type expected. A whole float (1e3)
+    counts as an int, an int as a float; a bool is neither."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is float and number and math.isfinite(value):
+        return float(value)
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind in (bool, str) and isinstance(value, kind):
+        return value
+    desc, example = _KINDS[kind]
+    fail(f"{what} takes {desc}, got {value!r}; write e.g. {example}")
+
+
 def default_optim(arch: str, d_sae: int, batch_size: int, total_steps: int) -> dict[str, Any]:
     """Per-architecture optimizer defaults (see the module docstring for sources)."""
     warm = min(1000, total_steps // 20)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shared.errors import UserError, fail
-from shared.store import STORAGE_DTYPES, Store, acts_path
+from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, count_nonfinite
 
 THREAD_NAME = "ActivationLoader"
 _POLL_S = 0.1  # how often a thread blocked on the queue checks for a stop request
@@ -92,14 +92,50 @@ class BatchPlan:
         return out
 
 
+class ChunkVerifier:
+    """Checks each row chunk the first time a loader reads it: its CRC32 against the manifest
+    (a flipped byte, a swapped or stale chunk file stops training instead of training on it)
+    and that it holds no NaN/inf (stores written before cache-acts refused them may). Costs one
+    extra pass over each chunk per loader (see the README's loader benchmark)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._done: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()  # the producer thread and `ActivationLoader.batch` share it
+
+    def check(self, hook: str, chunk: int, rows: np.ndarray) -> None:
+        """rows: the chunk's valid rows [<= chunk_rows, d_in] as stored."""
+        key = (hook, chunk)
+        with self._lock:
+            if key in self._done:
+                return
+        m = self.store.manifest
+        recorded = m.checksums.get(acts_path(hook), [])
+        found = checksum(rows)
+        if chunk >= len(recorded) or found != recorded[chunk]:
+            fail(f"row chunk {chunk} of hook {hook!r} in store {self.store.path} fails its "
+                 f"checksum (CRC32 {found:#010x}, the manifest says "
+                 f"{recorded[chunk] if chunk < len(recorded) else 'nothing'}): the store is "
+                 f"damaged; see `cache-acts verify {self.store.path}` and recreate it")
+        bad = count_nonfinite(rows, m.dtype)
+        if bad:
+            fail(f"store {self.store.path} holds {bad:,} NaN/inf values in row chunk {chunk} of "
+                 f"hook {hook!r} (it was written before cache-acts refused them); the store, not "
+                 "the learning rate, is at fault: recreate it (with --dtype bfloat16 or float32 "
+                 "if float16 overflowed)")
+        with self._lock:
+            self._done.add(key)
+
+
 class _MemmapReader:
     """Rows of uncompressed local chunk files, through a small cache of open memory-maps."""
 
-    def __init__(self, store: Store, paths: dict[tuple[str, int], Path]):
+    def __init__(self, store: Store, paths: dict[tuple[str, int], Path], verifier: ChunkVerifier):
         self.store = store
         self.dtype = STORAGE_DTYPES[store.manifest.dtype]
         self._maps: OrderedDict[tuple[str, int], np.memmap] = OrderedDict()
         self._paths = paths  # (hook, chunk) -> chunk file, shared by a loader's readers
+        self.verifier = verifier
 
     def read(self, hook: str, seg: Segment) -> np.ndarray:
         key = (hook, seg.chunk)
@@ -130,15 +166,19 @@ class _MemmapReader:
                 f"{self.store.path} is damaged or compressed without saying so in its manifest; "
                 "recreate it with `cache-acts run --overwrite`"
             )
-        return np.memmap(path, dtype=self.dtype, mode="r", shape=shape)
+        rows = np.memmap(path, dtype=self.dtype, mode="r", shape=shape)
+        valid = min(m.chunk_rows, m.n_rows - chunk * m.chunk_rows)
+        self.verifier.check(hook, chunk, rows[:valid])
+        return rows
 
 
 class _ZarrReader:
     """Rows of a (compressed) store through the Zarr API, decoding each chunk once per visit."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, verifier: ChunkVerifier):
         self.store = store
         self._chunk: dict[str, tuple[int, np.ndarray]] = {}  # hook -> (chunk, its decoded rows)
+        self.verifier = verifier
 
     def read(self, hook: str, seg: Segment) -> np.ndarray:
         cached = self._chunk.get(hook)
@@ -153,6 +193,7 @@ class _ZarrReader:
                     f"cannot read rows {lo}-{hi} of hook {hook!r} from {self.store.path} ({e}); "
                     "the store is damaged: recreate it with `cache-acts run --overwrite`"
                 ) from e
+            self.verifier.check(hook, seg.chunk, data)
             cached = self._chunk[hook] = (seg.chunk, data)
         return cached[1][seg.start : seg.start + seg.n]
 
@@ -238,6 +279,7 @@ class ActivationLoader:
         self._next = start_batch
         self._stops: list[threading.Event] = []
         self._chunk_files: dict[tuple[str, int], Path] = {}
+        self.verifier = ChunkVerifier(store)
 
     def __len__(self) -> int:
         return self.n_batches - self._next
@@ -284,8 +326,8 @@ class ActivationLoader:
 
     def _reader(self) -> _MemmapReader | _ZarrReader:
         if self.store.memmappable():
-            return _MemmapReader(self.store, self._chunk_files)
-        return _ZarrReader(self.store)
+            return _MemmapReader(self.store, self._chunk_files, self.verifier)
+        return _ZarrReader(self.store, self.verifier)
 
     def _build(self, i: int, reader: _MemmapReader | _ZarrReader) -> dict[str, torch.Tensor]:
         dtype = self.store.manifest.dtype
@@ -344,6 +386,10 @@ def _put(handoff: queue.Queue, item: object, stop: threading.Event) -> bool:
 def _scale(store: Store, hook: str) -> float:
     # Anthropic April 2024 update: scale inputs so that E||x|| = sqrt(d_in) (seed 004).
     stats = store.manifest.stats.get(hook)
+    if stats is not None and not math.isfinite(stats.mean_norm):
+        fail(f"store {store.path} records a mean norm of {stats.mean_norm} for hook {hook!r} "
+             "(its statistics overflowed when it was written); recreate it with this version, "
+             "which computes them in float64, or pass --no-normalize")
     if stats is None or not stats.mean_norm > 0:
         fail(
             f"store {store.path} has no mean-norm statistic for hook {hook!r}, needed to scale "

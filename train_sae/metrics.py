@@ -21,11 +21,12 @@ _EPS = 1e-12
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Fraction of variance unexplained over the batch (scalar tensor; 0 = perfect)."""
+    """Fraction of variance unexplained over the batch (scalar tensor; 0 = perfect). NaN when
+    the batch has no variance: then no reconstruction explains anything, so none is "perfect"."""
     # sparsify's FVU: residual sum of squares over total sum of squares around the batch mean
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
-    return resid / total.clamp_min(_EPS)
+    return torch.where(total > 0, resid / total.clamp_min(_EPS), torch.nan)
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,24 @@ import torch
 
 from shared.atomic import atomic_write_text
 from shared.errors import fail
-from shared.store import Manifest
-from train_sae.checkpoint import load_checkpoint
+from shared.fingerprint import short
+from shared.lock import LOCK_FILE
+from shared.store import Manifest, store_fingerprint
+from train_sae.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from train_sae.config import MemberConfig, TrainConfig
 from train_sae.crosscoder import save_crosscoder, save_relative_norms
+from train_sae.crosscoder.metrics import RELATIVE_NORMS_FILE, RELATIVE_NORMS_PLOT
+from train_sae.crosscoder.saving import WEIGHTS_FILE as CROSSCODER_WEIGHTS
+from train_sae.logging import METRICS_JSONL
 from train_sae.member import Member
 from train_sae.metrics import FeatureDensity
-from train_sae.saving import save_sae
+from train_sae.saving import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, save_sae
 
 SWEEP_JSON = "sweep.json"
 METRICS_JSON = "metrics.json"
-RESUME_KEYS = ("store", "hooks", "total_steps", "settings", "members")
+RESUME_KEYS = ("hooks", "total_steps", "settings", "members")  # and the store's fingerprint
+REPORT_MD, PARETO_PNG, DENSITY_PNG = "report.md", "pareto.png", "density.png"  # train_sae/report.py
+REPORT_FILES = (REPORT_MD, PARETO_PNG, DENSITY_PNG)
 
 
 def model_and_hook(manifest: Manifest, hook: str) -> tuple[str, str]:
@@ -100,14 +107,17 @@ def write_member_json(out: Path, m: Member, dims: dict[str, int], batch_size: in
 
 
 def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, int],
-                      model: str, total_steps: int, members: list[MemberConfig]
+                      manifest: Manifest, total_steps: int, members: list[MemberConfig]
                       ) -> dict[str, Any]:
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "overwrite", "out")}
-    settings["store"] = str(Path(cfg.store).resolve())
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("resume", "overwrite", "out", "store")}
     return {
         "store": str(Path(cfg.store).resolve()),
+        # the store by content: a --resume or an eval on another store under this path refuses
+        "store_fingerprint": store_fingerprint(manifest),
+        "dataset_fingerprint": manifest.fingerprints.get("dataset"),
         "hook": ", ".join(store_hooks), "hooks": list(store_hooks), "d_in": dict(dims),
-        "model": model, "total_steps": total_steps,
+        "model": manifest.model, "total_steps": total_steps,
         "tokens": total_steps * cfg.batch_size, "settings": settings,
         "members": [m.to_dict() for m in members], "status": "running",
     }
@@ -115,37 +125,105 @@ def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, 
 
 def prepare_out(out: Path, cfg: TrainConfig, doc: dict[str, Any]) -> dict[str, Any] | None:
     """Create or reuse the sweep folder; returns the checkpoint to resume from, if any."""
-    sweep_file = out / SWEEP_JSON
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()):
-        if not sweep_file.exists():
+    old = read_sweep(out) if (out / SWEEP_JSON).exists() else None
+    if out.exists() and _entries(out):
+        if old is None:
             fail(f"--out {out} is not empty and holds no sweep; choose an empty or new folder")
         if cfg.overwrite:
-            shutil.rmtree(out)
+            remove_sweep(out, old)
+            old = None
         elif not cfg.resume:
             fail(f"--out {out} already holds a sweep; pass --resume to continue it or "
                  "--overwrite to replace it")
     elif cfg.resume:
         fail(f"--resume: {out} holds no sweep to resume; drop --resume to start one")
-    if cfg.resume and sweep_file.exists():
-        old = json.loads(sweep_file.read_text())
+    if cfg.resume and old is not None:
         if old.get("status") == "complete":
             fail(f"the sweep in {out} is already complete; use --overwrite to train it again")
-        same = {k: old.get(k) for k in RESUME_KEYS}
-        new = {k: doc[k] for k in RESUME_KEYS}
-        if same != new:
-            diff = [k for k in same if same[k] != new[k]]
-            fail(f"--resume: the options differ from the sweep in {out} ({', '.join(diff)}); "
-                 "rerun with the same options, or use --overwrite to start again")
-        return load_checkpoint(out)
+        check_same_sweep(old, doc, out)
+        ckpt = load_checkpoint(out)
+        if ckpt is not None and ckpt.get("store_fingerprint") != doc["store_fingerprint"]:
+            fail(f"checkpoint {out / CHECKPOINT_NAME} was written while training on another "
+                 "store than the one now at --store; resume with that store or use --overwrite")
+        return ckpt
     out.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_file, doc)
+    write_json(out / SWEEP_JSON, doc)
     return None
 
 
+def check_same_sweep(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    """A --resume must train the same members on the same store content."""
+    if old.get("store_fingerprint") != new["store_fingerprint"]:
+        fail(f"--resume: the store at {new['store']} is not the one the sweep in {out} was "
+             f"trained on (content fingerprint {short(old.get('store_fingerprint'))}, now "
+             f"{short(new['store_fingerprint'])}); resume with the original store or use "
+             "--overwrite to start again")
+    diff = [k for k in RESUME_KEYS if old.get(k) != new[k]]
+    if diff:
+        fail(f"--resume: the options differ from the sweep in {out} ({', '.join(diff)}); "
+             "rerun with the same options, or use --overwrite to start again")
+
+
+def read_sweep(folder: Path) -> dict[str, Any]:
+    """sweep.json of a sweep folder, or one line saying it is damaged."""
+    return read_json(folder / SWEEP_JSON, "sweep description")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object this project wrote, or one line naming the damaged file."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"the {what} {path} cannot be read ({e}); restore it, or retrain with --overwrite")
+    if not isinstance(doc, dict):
+        fail(f"the {what} {path} is not a JSON object; restore it, or retrain with --overwrite")
+    return doc
+
+
+# Names a sweep writes: in the sweep folder, and in each member's folder (with their `.tmp`
+# siblings from atomic writes). --overwrite removes these and nothing else.
+SWEEP_FILES = frozenset({SWEEP_JSON, CHECKPOINT_NAME, LOCK_FILE, *REPORT_FILES, "wandb"})
+MEMBER_FILES = frozenset({METRICS_JSON, METRICS_JSONL, CFG_FILENAME, WEIGHTS_FILENAME,
+                          SPARSITY_FILENAME, CROSSCODER_WEIGHTS, RELATIVE_NORMS_FILE,
+                          RELATIVE_NORMS_PLOT})
+
+
+def remove_sweep(out: Path, doc: dict[str, Any]) -> None:
+    """Delete the sweep described by `doc` for --overwrite: its own files only. Anything else
+    in the folder (or a member folder) is named in a refusal, before anything is deleted."""
+    members = {m.get("name") for m in doc.get("members", []) if isinstance(m, dict)}
+    ours, foreign = [], []
+    for p in out.iterdir():
+        name = p.name.removesuffix(".tmp")
+        if name in SWEEP_FILES:
+            ours.append(p)
+        elif name in members and p.is_dir():
+            inside = [q for q in p.iterdir() if q.name.removesuffix(".tmp") not in MEMBER_FILES]
+            foreign += inside
+            ours += [q for q in p.iterdir() if q not in inside] + [p]
+        else:
+            foreign.append(p)
+    if foreign:
+        names = ", ".join(str(p.relative_to(out)) for p in foreign[:5])
+        fail(f"refusing to overwrite the sweep in {out}: it holds files train-sae did not write "
+             f"({names}); move them away or choose another --out")
+    for p in ours:  # files before their folders
+        if p.is_dir() and p.name == "wandb":
+            shutil.rmtree(p)
+        elif p.is_dir():
+            p.rmdir()
+        else:
+            p.unlink()
+
+
+def _entries(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir()} - {LOCK_FILE}
+
+
 def mark_complete(out: Path, results: dict[str, str]) -> None:
-    doc = json.loads((out / SWEEP_JSON).read_text())
+    doc = read_sweep(out)
     doc["status"] = "complete"
     doc["results"] = results
     write_json(out / SWEEP_JSON, doc)

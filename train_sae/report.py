@@ -27,14 +27,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import matplotlib.transforms  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 from shared.atomic import atomic_write_text  # noqa: E402
 from shared.errors import fail  # noqa: E402
 from train_sae.config import CROSSCODER_ARCHS  # noqa: E402
 from train_sae.crosscoder.metrics import RELATIVE_NORMS_PLOT, hook_labels  # noqa: E402
-from train_sae.outputs import METRICS_JSON, SWEEP_JSON  # noqa: E402
-from train_sae.saving import SPARSITY_FILENAME  # noqa: E402
+from train_sae.outputs import (  # noqa: E402
+    DENSITY_PNG,
+    METRICS_JSON,
+    PARETO_PNG,
+    REPORT_MD,
+    SWEEP_JSON,
+    read_json,
+    read_sweep,
+)
+from train_sae.saving import read_log10_density  # noqa: E402
 
 DEAD_LOG10 = -9.5  # log10 densities at or below this (SAELens stores log10(density + 1e-10)) are dead
 
@@ -86,10 +93,11 @@ def member_folders(sweep: Path) -> list[Path]:
     if (sweep / METRICS_JSON).exists():  # a single run folder
         return [sweep]
     names: list[str] = []
-    spec = sweep / SWEEP_JSON
-    if spec.exists():
-        for m in json.loads(spec.read_text()).get("members", []):
-            names.append(m if isinstance(m, str) else m["name"])
+    if (sweep / SWEEP_JSON).exists():
+        doc = read_sweep(sweep)
+        names = member_names(doc)
+        if doc.get("status", "complete") != "complete":
+            fail(unfinished_message(sweep, names))
     found = sorted(p.parent.name for p in sweep.glob(f"*/{METRICS_JSON}"))
     ordered = [n for n in names if n in found] + [n for n in found if n not in names]
     if not ordered:
@@ -98,11 +106,28 @@ def member_folders(sweep: Path) -> list[Path]:
     return [sweep / n for n in ordered]
 
 
+def member_names(doc: dict) -> list[str]:
+    return [m if isinstance(m, str) else str(m.get("name")) for m in doc.get("members", [])]
+
+
+def unfinished_message(sweep: Path, names: list[str]) -> str:
+    """One line saying that a sweep is unfinished and the state of every member: members are
+    saved when the sweep ends, so until then only failed ones have results."""
+    states = {}
+    for n in names:
+        try:
+            states[n] = json.loads((sweep / n / METRICS_JSON).read_text()).get("status", "?")
+        except (OSError, ValueError):
+            states[n] = "unfinished"
+    counts = ", ".join(f"{sum(v == s for v in states.values())} {s}"
+                       for s in dict.fromkeys(states.values()))
+    listing = "; ".join(f"{n}: {s}" for n, s in states.items())
+    return (f"the sweep in {sweep} is unfinished (still running, or killed): {len(names)} "
+            f"members ({counts}): {listing}; finish it with `train-sae sweep ... --resume`")
+
+
 def load_member(folder: Path) -> Member:
-    try:
-        m = json.loads((folder / METRICS_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        fail(f"cannot read {folder / METRICS_JSON} ({e}); rerun the sweep with --resume")
+    m = read_json(folder / METRICS_JSON, "member metrics")
     return Member(
         name=m.get("name", folder.name), folder=folder, arch=m.get("arch", "?"),
         d_sae=int(m.get("d_sae", 0)), hyperparameters=dict(m.get("hyperparameters", {})),
@@ -327,16 +352,6 @@ def plot_pareto(members: list[Member], path: Path) -> None:
     plt.close(fig)
 
 
-def read_log10_density(folder: Path) -> torch.Tensor | None:
-    """[d_sae] log10 feature density from a run's sparsity.safetensors (None if absent)."""
-    p = folder / SPARSITY_FILENAME
-    if not p.exists():
-        return None
-    tensors = load_file(str(p))
-    t = tensors.get("sparsity", next(iter(tensors.values()), None))
-    return None if t is None else t.float().reshape(-1)
-
-
 def plot_density(members: list[Member], path: Path) -> bool:
     """One histogram per member of log10 feature density; dead latents counted in the title."""
     data = [(m, d) for m in members if m.ok and (d := read_log10_density(m.folder)) is not None]
@@ -364,10 +379,9 @@ def plot_density(members: list[Member], path: Path) -> bool:
 
 # --- report.md -----------------------------------------------------------------------------------
 def _settings_lines(sweep: Path) -> list[str]:
-    spec = sweep / SWEEP_JSON
-    if not spec.exists():
+    if not (sweep / SWEEP_JSON).exists():
         return []
-    s = json.loads(spec.read_text())
+    s = read_sweep(sweep)
     lines = []
     for key in ("store", "hook", "hooks", "model", "tokens", "batch_size", "seed"):
         v = s.get(key, (s.get("settings") or {}).get(key))
@@ -429,9 +443,9 @@ def write_report(sweep: str | Path) -> ReportFiles:
     members = load_members(sweep)
     table = markdown_table(members)
     _, shared = split_hyperparameters(members)
-    pareto = sweep / "pareto.png"
+    pareto = sweep / PARETO_PNG
     plot_pareto(members, pareto)
-    density = sweep / "density.png"
+    density = sweep / DENSITY_PNG
     has_density = plot_density(members, density)
     failed = [m.name for m in members if not m.ok]
     lines = [f"# Sweep report: {sweep.resolve().name}", "", *_settings_lines(sweep)]
@@ -450,6 +464,6 @@ def write_report(sweep: str | Path) -> ReportFiles:
     ]
     if has_density:
         lines += ["![log10 feature density per member](density.png)", ""]
-    report = sweep / "report.md"
+    report = sweep / REPORT_MD
     atomic_write_text(report, "\n".join(lines))
     return ReportFiles(report, pareto, density if has_density else None, table)

@@ -109,12 +109,11 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
     cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
     if not cfg_path.exists() or not weights_path.exists():
         fail(f"{path} is not a saved SAE (needs {CFG_FILENAME} and {WEIGHTS_FILENAME})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        state = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        fail(f"cannot read the SAE in {path} ({e}); save it again")
+    cfg = read_cfg(cfg_path)
+    state = read_tensors(weights_path)
     ours = cfg.get(OUR_SECTION, {})
+    if not isinstance(ours, dict):
+        fail(f"{cfg_path}: {OUR_SECTION!r} is not an object; save the SAE again")
     arch, params = _arch_and_params(cfg, ours, path)
     if cfg.get("normalize_activations", "none") != "none":
         fail(f"{path} uses normalize_activations={cfg['normalize_activations']!r}; fold it first")
@@ -130,6 +129,35 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         fail(f"{weights_path} holds {got}, expected {expected} for arch {arch!r}; save it again")
     sae.load_saelens_state({k: state[k].float() for k in expected})
     return sae.eval(), cfg
+
+
+def read_cfg(path: Path) -> dict[str, Any]:
+    """A run's cfg.json as a dict; a UserError naming the file if it is not a JSON object."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        fail(f"cannot read {path} ({e}); save the SAE again")
+    if not isinstance(cfg, dict):
+        fail(f"{path} holds a JSON {type(cfg).__name__}, not a config object; save the SAE again")
+    return cfg
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a UserError naming the file if it is damaged."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        fail(f"cannot read {path} ({e}); save the SAE again")
+
+
+def read_log10_density(folder: Path) -> torch.Tensor | None:
+    """[d_sae] log10 feature density from a run's sparsity.safetensors (None if absent)."""
+    path = folder / SPARSITY_FILENAME
+    if not path.exists():
+        return None
+    tensors = read_tensors(path)
+    t = tensors.get("sparsity", next(iter(tensors.values()), None))
+    return None if t is None else t.float().reshape(-1)
 
 
 def _arch_and_params(cfg: dict[str, Any], ours: dict[str, Any], path: Path) -> tuple[str, dict]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from train_sae.config import (
     OptimConfig,
     ResampleConfig,
     default_optim,
+    typed,
 )
 
 # CLI spelling of hyperparameters, for error messages and member names.
@@ -292,14 +294,16 @@ def _archs_using(key: str) -> list[str]:
             or (key == "resample" and a in RESAMPLE_ARCHS)]
 
 
-def parse_list(text: str, what: str) -> list[Any]:
-    """`16,32` -> [16, 32]; `1e-3,5e-3` -> floats; `on,off` -> [True, False]."""
+def parse_list(text: str, what: str, kind: type | None = None) -> list[Any]:
+    """`16,32` -> [16, 32]; `1e-3,5e-3` -> floats; `on,off` -> [True, False]. `kind` (int,
+    float, bool or str): every item must be one, or a UserError names `what` and the item."""
     out = []
     for raw in text.split(","):
         s = raw.strip()
         if not s:
             fail(f"{what} has an empty item in {text!r}; separate values with single commas")
-        out.append(parse_value(s))
+        value = s if kind is str else parse_value(s)
+        out.append(value if kind is None else typed(value, kind, what))
     return out
 
 
@@ -317,6 +321,37 @@ def parse_value(s: str) -> Any:
         return float(s)
     except ValueError:
         return s
+
+
+def option_type(key: str) -> type | None:
+    """The type (int, float or bool) of hyperparameter `key`: the type of that field in
+    OptimConfig or in the Config of an architecture that has it; None if none has it."""
+    from train_sae.crosscoder import CROSSCODER_REGISTRY
+    from train_sae.saes import REGISTRY
+
+    if key == "resample":
+        return bool
+    archs = (*REGISTRY.values(), *CROSSCODER_REGISTRY.values())
+    for cls in (OptimConfig, *(a.Config for a in archs)):
+        hint = typing.get_type_hints(cls).get(key)
+        if hint is not None:  # `int | None` (k_aux) -> int
+            return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    return None
+
+
+# types of the TOML member keys that are not hyperparameters (resample_at: see _toml_value)
+_TOML_TYPES = {"arch": str, "width": int, "expansion": float}
+
+
+def _toml_value(key: str, value: Any, where: str) -> Any:
+    """One value of a TOML member table, typed like the option it stands for."""
+    what = f"{where}: {key!r}"
+    if key == "resample_at":
+        if not isinstance(value, list):
+            fail(f"{what} takes a list of fractions, got {value!r}; write e.g. [0.5]")
+        return tuple(typed(v, float, what) for v in value)
+    kind = _TOML_TYPES.get(key) or option_type(key)
+    return value if kind is None else typed(value, kind, what)
 
 
 def load_toml(path: str | Path, dims: dict[str, int], batch_size: int, total_steps: int
@@ -338,12 +373,16 @@ def load_toml(path: str | Path, dims: dict[str, int], batch_size: int, total_ste
         fail(f"sweep config {p} has unknown table(s) {sorted(unknown)}; use [defaults] and [[member]]")
     defaults = doc.get("defaults", {})
     tables = doc.get("member", [])
+    if not isinstance(defaults, dict):
+        fail(f"sweep config {p}: 'defaults' must be a table; write it as [defaults]")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        fail(f"sweep config {p}: 'member' must be a list of tables; write each as [[member]]")
     if not tables:
         fail(f"sweep config {p} lists no [[member]] tables; add at least one")
     makers = []
     for i, table in enumerate(tables):
-        t = {**defaults, **table}
         where = f"{p} member {i + 1}"
+        t = {k: _toml_value(k, v, where) for k, v in {**defaults, **table}.items()}
         arch = t.pop("arch", None)
         if arch is None:
             fail(f"{where} has no arch; add e.g. arch = \"topk\"")
@@ -351,13 +390,13 @@ def load_toml(path: str | Path, dims: dict[str, int], batch_size: int, total_ste
         check_crosscoder_hooks([arch], list(dims))
         width = t.pop("width", None)
         expansion = t.pop("expansion", None)
-        resample_at = tuple(t.pop("resample_at", DEFAULT_RESAMPLE_AT))
+        resample_at = t.pop("resample_at", DEFAULT_RESAMPLE_AT)
         for key in t:
             if not applies(arch, key):
                 fail(f"{where}: {key!r} does not apply to arch {arch!r}; remove it")
         for hooks, d_in, _ in _groups([arch], dims):
-            (d_sae,) = resolve_widths([int(width)] if width is not None else [],
-                                      [float(expansion)] if expansion is not None else [], d_in)
+            (d_sae,) = resolve_widths([width] if width is not None else [],
+                                      [expansion] if expansion is not None else [], d_in)
             makers.append(partial(make_member, arch, d_sae, t, batch_size, total_steps,
                                   resample_at, hooks=hooks, prefix=len(dims) > 1))
     return make_members(makers)

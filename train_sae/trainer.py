@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import fail
+from shared.lock import exclusive
 from shared.store import Store, open_store
 from train_sae.checkpoint import remove_checkpoint, save_checkpoint
 from train_sae.config import ALL_HOOKS, MemberConfig, TrainConfig
@@ -121,13 +122,25 @@ class MemberResult:
 
 # --- the sweep ----------------------------------------------------------------------------------
 def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig]) -> list[MemberResult]:
-    """Train every member on the same batches in one pass; write run folders and sweep.json."""
+    """Train every member on the same batches in one pass; write run folders and sweep.json.
+    One writer at a time: the sweep folder is locked while it is written (shared/lock.py)."""
     out = Path(cfg.out)
+    created = not out.exists()
+    try:
+        with exclusive(out, "train-sae"):
+            return _train_locked(cfg, plan, members_cfg, out)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before writing anything: leave no folder behind
+
+
+def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig], out: Path
+                  ) -> list[MemberResult]:
     torch.manual_seed(cfg.seed)
     members_cfg = [bind_hooks(m, plan.hooks) for m in members_cfg]
     members = [Member(m, plan.d_in, plan.total_steps, cfg.seed, plan.device, cfg.diverge_factor)
                for m in members_cfg]  # builds (and validates) every model before writing anything
-    sweep_doc = sweep_description(cfg, plan.hooks, plan.d_in, plan.store.manifest.model,
+    sweep_doc = sweep_description(cfg, plan.hooks, plan.d_in, plan.store.manifest,
                                   plan.total_steps, members_cfg)
     ckpt = prepare_out(out, cfg, sweep_doc)
     start = 0
@@ -185,6 +198,7 @@ def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig]) -> list
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < plan.total_steps:
                 save_checkpoint(out, {"step": done, "torch_rng": torch.get_rng_state(),
+                                      "store_fingerprint": sweep_doc["store_fingerprint"],
                                       "members": {m.name: m.state_dict() for m in members},
                                       "wandb_run_id": wandb.run_id if wandb else None})
     finally:
