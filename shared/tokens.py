@@ -428,19 +428,19 @@ def source_fingerprint(spec: TokenSpec) -> dict[str, Any]:
     if spec.dataset is None:
         from shared.embedded import shakespeare_files
 
-        return files_fingerprint(list(shakespeare_files()), "embedded", **column)
-    path = Path(spec.dataset).expanduser()
-    if path.exists():
-        files = _local_files(path)
-        if all(f.suffix in TEXT_SUFFIXES for f in files):
-            column = {}  # a text file is one document whatever the column option says
-        fp = files_fingerprint(files, "local", **column)
-        fp["files_digest"] = fp["digest"]  # the bytes alone, for "same files, other column"
-        fp["digest"] = digest_of([fp["digest"], column])
-        return fp
-    revision = _hub_revision(spec.dataset)
-    return {"kind": "hub", "name": spec.dataset, "split": spec.split, "revision": revision,
-            **column, "digest": digest_of([spec.dataset, spec.split, revision, column])}
+        files, kind = list(shakespeare_files()), "embedded"
+    elif Path(spec.dataset).expanduser().exists():
+        files, kind = _local_files(Path(spec.dataset).expanduser()), "local"
+    else:
+        revision = _hub_revision(spec.dataset)
+        return {"kind": "hub", "name": spec.dataset, "split": spec.split, "revision": revision,
+                **column, "digest": digest_of([spec.dataset, spec.split, revision, column])}
+    if all(f.suffix in TEXT_SUFFIXES for f in files):
+        column = {}  # a text file is one document whatever the column option says
+    fp = files_fingerprint(files, kind, **column)
+    fp["files_digest"] = fp["digest"]  # the bytes alone, for "same files, other column"
+    fp["digest"] = digest_of([fp["digest"], column])
+    return fp
 
 
 def _hub_revision(name: str) -> str | None:

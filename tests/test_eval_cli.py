@@ -17,7 +17,7 @@ from shared.models import load_model
 from shared.store import open_store
 from shared.tokens import TokenSpec, iter_token_batches
 from train_sae.cli import app as train_app
-from train_sae.eval_sweep import EvalOptions, evaluate_path, held_out_start
+from train_sae.eval_sweep import EvalOptions, evaluate_path, held_out_start, training_data
 from train_sae.saving import load_sae
 
 VOCAB = 48
@@ -163,7 +163,7 @@ def test_eval_refuses_another_model(sweep, capsys):
         _cli("eval", str(sweep["out"]), "--model", f"random:{other}", "--device", "cpu")
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was trained on activations of model" in err[0]
+    assert len(err) == 1 and "is not the one the sweep was trained on" in err[0]
     assert "pass the matching --model" in err[0]
 
 
@@ -184,18 +184,19 @@ def test_eval_errors(sweep, tmp_path):
 
 def test_held_out_start_moves_past_cached_tokens(sweep):
     store = open_store(sweep["store"])
+    trained = training_data({}, store)
     n_cached = int(store.array("seq_index")[:].max()) + 1
     same = TokenSpec(**store.manifest.dataset)
-    assert held_out_start(same, store)[0] == n_cached
+    assert held_out_start(same, trained)[0] == n_cached
     # twice the context: half as many sequences cover the cached tokens (rounded up)
     longer = TokenSpec(**{**store.manifest.dataset, "context_size": 2 * CTX})
-    assert held_out_start(longer, store)[0] == -(-n_cached // 2)
+    assert held_out_start(longer, trained)[0] == -(-n_cached // 2)
     # BOS takes one slot: (CTX - 1) new tokens per sequence
     bos = TokenSpec(**{**store.manifest.dataset, "prepend_bos": True})
-    assert held_out_start(bos, store)[0] == -(-n_cached * CTX // (CTX - 1))
-    other = TokenSpec(**{**store.manifest.dataset, "split": "test"})
-    start, why = held_out_start(other, store)
-    assert start == 0 and "different source" in why
+    assert held_out_start(bos, trained)[0] == -(-n_cached * CTX // (CTX - 1))
+    # a local file has no splits: --split test is the same data, still held out
+    other_split = TokenSpec(**{**store.manifest.dataset, "split": "test"})
+    assert held_out_start(other_split, trained)[0] == n_cached
 
 
 def test_eval_skips_crosscoders_with_a_note(sweep, capsys):

@@ -199,3 +199,18 @@ def test_fvu_of_data_without_variance_is_not_perfect():
     assert torch.isnan(fvu(x, x)) and fvu(x, x + 1).isnan()
     y = torch.randn(16, 4)
     assert fvu(y, y) == 0
+
+
+def test_a_sweep_in_which_every_member_failed_exits_1(tmp_path, monkeypatch, capsys):
+    store, out = write_store(tmp_path / "s"), tmp_path / "o"
+    code, stdout, err = cli(monkeypatch, capsys, "sweep", "--store", store, "--out", out,
+                            "--batch-size", 64, "--device", "cpu", "--arch", "topk",
+                            "--width", 16, "--k", 2, "--lr", "1e6,1e7")
+    one_line(code, err, "every member failed (2)", want_code=1)
+    assert stdout.count("failed ") == 2 and "lower the learning rate" in stdout
+    assert json.loads((out / "sweep.json").read_text())["results"] == {
+        name: "failed" for name in json.loads((out / "sweep.json").read_text())["results"]}
+    code, _, err = cli(monkeypatch, capsys, "sweep", "--store", store, "--out", tmp_path / "o2",
+                       "--batch-size", 64, "--device", "cpu", "--arch", "topk",
+                       "--width", 16, "--k", 2, "--lr", "1e-3,1e7")
+    assert code == 0, err  # one member finished: the sweep did its job

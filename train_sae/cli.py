@@ -8,6 +8,7 @@ crosscoder members read all of them, in one pass over the store.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,10 @@ from train_sae.cli_eval import eval_command, report_command
 from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
 from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
 from train_sae.trainer import MemberResult, prepare, train
+
+# `train-sae run/sweep` exit codes: 0 when at least one member finished, 2 for bad input (one
+# `error:` line), 1 when training ran but every member failed (README, "Exit codes").
+EXIT_ALL_FAILED = 1
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train sparse autoencoders on a cached activation store.")
@@ -127,6 +132,10 @@ def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens:
         else:
             line += f"  ({r.failure})"
         typer.echo(line)
+    if all(r.status == "failed" for r in results):
+        print(f"error: every member failed ({len(results)}); their failures are listed above "
+              "and in each metrics.json", file=sys.stderr)
+        raise typer.Exit(EXIT_ALL_FAILED)
     return results
 
 

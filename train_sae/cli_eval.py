@@ -22,6 +22,9 @@ def eval_command(
     model: Annotated[str | None, typer.Option(
         help="model to splice into: official name, HF folder, .gguf file or random:CONFIG.json "
              "(default: the store's model)")] = None,
+    store: Annotated[str | None, typer.Option(
+        help="where the sweep's store is now, if it moved (checked by content against the "
+             "store the sweep was trained on)")] = None,
     dataset: Annotated[str | None, typer.Option(
         help="hub dataset or local text/jsonl/parquet file or folder (default: the store's)")] = None,
     text_column: Annotated[str | None, typer.Option(help="text column to tokenize")] = None,
@@ -54,7 +57,7 @@ def eval_command(
 
     from train_sae.eval_sweep import EvalOptions, evaluate_path, format_table
 
-    opts = EvalOptions(model=model, dataset=dataset, text_column=text_column,
+    opts = EvalOptions(model=model, store=store, dataset=dataset, text_column=text_column,
                        token_column=token_column, split=split, context_size=context_size,
                        prepend_bos=bos, drop_special=drop_special, first_position=first_position,
                        n_tokens=n_tokens, batch_size=batch_size,

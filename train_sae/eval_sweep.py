@@ -26,16 +26,16 @@ import torch
 from tqdm import tqdm
 
 from shared.errors import fail
+from shared.fingerprint import same, short
 from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
-from shared.store import Manifest, Store, open_store
-from shared.tokens import TokenSpec, iter_token_batches
+from shared.store import Manifest, Store, open_store, store_fingerprint
+from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
 from train_sae.evaluate import SpliceTarget, hook_means, splice_eval
-from train_sae.outputs import METRICS_JSON, SWEEP_JSON, write_json
+from train_sae.outputs import METRICS_JSON, SWEEP_JSON, read_json, read_sweep, write_json
 from train_sae.report import member_folders
 from train_sae.saving import CFG_FILENAME, load_sae
 
 MEAN_SOURCES = ("store", "eval")
-_SOURCE_KEYS = ("dataset", "split", "text_column", "token_column")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class EvalOptions:
     """What to evaluate on; every None falls back to the store's manifest."""
 
     model: str | None = None
+    store: str | None = None  # where the sweep's store is now, when it moved
     dataset: str | None = None
     text_column: str | None = None
     token_column: str | None = None
@@ -80,9 +81,8 @@ class EvalMember:
 def sweep_document(path: Path) -> dict[str, Any]:
     """sweep.json of a sweep folder, or of the sweep a single run folder belongs to."""
     for folder in (path, path.parent):
-        f = folder / SWEEP_JSON
-        if f.exists():
-            doc = json.loads(f.read_text())
+        if (folder / SWEEP_JSON).exists():
+            doc = read_sweep(folder)
             if doc.get("status", "complete") != "complete":
                 fail(f"the sweep in {folder} is not finished; complete it with "
                      "`train-sae sweep ... --resume` before evaluating")
@@ -103,7 +103,7 @@ def load_members(path: Path) -> tuple[list[EvalMember], list[str], list[str]]:
     ones, and crosscoders (see the module docstring)."""
     members, skipped, crosscoders = [], [], []
     for folder in member_folders(path):
-        status = json.loads((folder / METRICS_JSON).read_text()).get("status")
+        status = read_json(folder / METRICS_JSON, "member metrics").get("status")
         if status != "done":
             skipped.append(folder.name)
             continue
@@ -170,12 +170,46 @@ def _content_per_sequence(context_size: int, prepend_bos: bool) -> int:
     return context_size - (1 if prepend_bos else 0)
 
 
-def held_out_start(spec: TokenSpec, store: Store | None) -> tuple[int, str]:
-    """First sequence of `spec`'s stream not cached in `store`, and a sentence saying why."""
-    where = f"{spec.dataset or 'the embedded Shakespeare text'} (split {spec.split!r})"
-    cached = store.manifest.dataset if store is not None else {}
-    if not cached or any(cached.get(k) != getattr(spec, k) for k in _SOURCE_KEYS):
-        return 0, f"sequences from the start of {where}, a different source from the cached one"
+@dataclass
+class TrainingData:
+    """What the sweep was trained on, as far as eval can know it: the store (when it is
+    reachable) and its token source's content fingerprint (from the store or sweep.json)."""
+
+    store: Store | None
+    fingerprint: dict[str, Any] | None  # the token source's (shared.tokens.source_fingerprint)
+    imported: bool  # cached from activation files: no token source to compare with
+
+
+def training_data(doc: dict[str, Any], store: Store | None) -> TrainingData:
+    manifest = store.manifest if store is not None else None
+    if manifest is not None:
+        fp = manifest.fingerprints.get("dataset")
+        return TrainingData(store, fp, imported=bool(manifest.source_files))
+    fp = doc.get("dataset_fingerprint")
+    return TrainingData(None, fp, imported=bool(fp and fp.get("kind") == "activation files"))
+
+
+def held_out_start(spec: TokenSpec, trained: TrainingData) -> tuple[int, str]:
+    """First sequence of `spec`'s stream not cached in the training store, and a sentence saying
+    why. The streams are compared by content; where that cannot tell, this refuses."""
+    where = f"{spec.dataset or 'the embedded Shakespeare text'}"
+    if trained.imported:
+        return 0, (f"sequences from the start of {where}; the store was imported from activation "
+                   "files, so whether its rows came from these tokens cannot be told")
+    if trained.fingerprint is None:  # a store written before fingerprints
+        same = _same_named_source(trained.store, spec)
+    else:
+        fp = source_fingerprint(spec)
+        same = _same_stream(trained.fingerprint, fp, where)
+        if not same:
+            return 0, (f"sequences from the start of {where}, other data than the store was "
+                       f"cached from (content {short(fp)}, the store's {short(trained.fingerprint)})")
+    if trained.store is None:
+        fail(f"{where} is the data the sweep's store was cached from, and that store is not "
+             "where sweep.json says (moved or deleted), so which sequences it holds is unknown; "
+             "pass --store with its new path, or evaluate on other data (--dataset)")
+    store = trained.store
+    cached = store.manifest.dataset
     n_cached = last_cached_sequence(store) + 1
     same_packing = (cached.get("context_size") == spec.context_size
                     and cached.get("prepend_bos") == spec.prepend_bos)
@@ -187,6 +221,46 @@ def held_out_start(spec: TokenSpec, store: Store | None) -> tuple[int, str]:
         start = -(-tokens // _content_per_sequence(spec.context_size, spec.prepend_bos))
     return start, (f"held-out sequences from #{start} of {where}, right after the {n_cached} "
                    "sequences cached in the store")
+
+
+def _same_stream(cached: dict[str, Any], fp: dict[str, Any], where: str) -> bool:
+    """Whether two token sources are one stream, by content; refuses where it cannot be told."""
+    if same(cached, fp):
+        return True
+    if cached.get("files_digest") and cached.get("files_digest") == fp.get("files_digest"):
+        fail(f"{where} holds the same files the store was cached from, read through another "
+             "column; whether its tokens overlap the cached ones cannot be told; evaluate on the "
+             "store's column (the default) or on other data")
+    if cached.get("kind") == fp.get("kind") == "hub" and all(
+            cached.get(k) == fp.get(k) for k in ("name", "split", "text_column", "token_column")):
+        if cached.get("revision") and fp.get("revision"):  # both known, and they differ
+            fail(f"hub dataset {fp['name']} changed (revision {cached['revision'][:12]} when "
+                 f"cached, {fp['revision'][:12]} now), so which of its sequences were cached "
+                 "cannot be told; evaluate on another split or dataset")
+        return True  # one revision unknown: the name and split are all there is to compare
+    return False
+
+
+def _same_named_source(store: Store | None, spec: TokenSpec) -> bool:
+    """For a store without fingerprints: the same source only when it names the same local
+    path (resolved) or hub dataset and split, with the same columns; otherwise refuse."""
+    if store is None:
+        fail("the sweep records neither its store (not found) nor its data's fingerprint; "
+             "pass --store with the store's path")
+    cached = store.manifest.dataset
+
+    def identity(d: dict[str, Any]) -> tuple:
+        name = d.get("dataset")
+        local = name is None or Path(name).expanduser().exists()
+        where = str(Path(name).expanduser().resolve()) if name else None
+        return (where, None if local else d.get("split"), d.get("text_column"),
+                d.get("token_column"))
+
+    if identity(cached) == identity(spec.to_dict()):
+        return True
+    fail(f"store {store.path} was written before stores recorded their data's content, so "
+         f"whether {spec.dataset or 'the embedded text'} holds its training tokens cannot be "
+         "told; evaluate on the store's own dataset (the default), or recache the store")
 
 
 def last_cached_sequence(store: Store) -> int:
@@ -218,11 +292,26 @@ def ablation_means(model: Any, hooks: list[str], store: Store | None, opts: Eval
     return {h: torch.tensor(store.manifest.stats[h].mean, dtype=torch.float32) for h in hooks}
 
 
-def check_members(members: list[EvalMember], loaded: LoadedModel) -> None:
-    for m in members:
-        if m.model_name and m.model_name != loaded.spec:
-            fail(f"{m.name} was trained on activations of model {m.model_name!r}, but the model "
-                 f"to evaluate with is {loaded.spec!r}; pass the matching --model")
+def check_members(members: list[EvalMember], loaded: LoadedModel, doc: dict[str, Any]) -> str:
+    """Refuse a model other than the one the members were trained on; returns how it was told.
+    By content where the sweep records the model's fingerprint (a moved checkpoint is the same
+    model), by name for older sweeps and multi-model stores; a store imported from activation
+    files names no model to check, so any --model of the right width is taken."""
+    recorded = doc.get("model_fingerprint", "absent")
+    if recorded is None:
+        how = "not checked: the store was imported from activation files"
+    elif isinstance(recorded, dict) and "digest" in recorded:
+        if not same(recorded, loaded.info.get("fingerprint")):
+            fail(f"the model to evaluate with (content {short(loaded.info.get('fingerprint'))}) "
+                 f"is not the one the sweep was trained on (content {short(recorded)}); pass "
+                 "the matching --model")
+        how = "the model the store was cached from (same content)"
+    else:
+        for m in members:
+            if m.model_name and m.model_name != loaded.spec:
+                fail(f"{m.name} was trained on activations of model {m.model_name!r}, but the "
+                     f"model to evaluate with is {loaded.spec!r}; pass the matching --model")
+        how = "the model the store was cached from (same name)"
     hooks = sorted({m.target.hook for m in members})
     check_hooks(loaded.model, hooks)
     dims = hook_dims(loaded.model, hooks)
@@ -230,6 +319,23 @@ def check_members(members: list[EvalMember], loaded: LoadedModel) -> None:
         if dims[m.target.hook] != m.target.sae.d_in:
             fail(f"{m.name} takes d_in {m.target.sae.d_in}, but {m.target.hook} of this model has "
                  f"{dims[m.target.hook]}; pass the matching --model")
+    return how
+
+
+def find_store(doc: dict[str, Any], given: str | None) -> Store | None:
+    """The store the sweep was trained on: --store, else the path in sweep.json if it is still
+    there; checked by content against the sweep's record (a store replaced at the same path
+    refuses)."""
+    path = given or doc.get("store")
+    if not path or (given is None and not Path(path).exists()):
+        return None
+    store = open_store(path)
+    recorded = doc.get("store_fingerprint")
+    if recorded is not None and not same(recorded, store_fingerprint(store.manifest)):
+        fail(f"the store at {path} is not the one the sweep was trained on (content "
+             f"{short(store_fingerprint(store.manifest))}, the sweep's {short(recorded)}); pass "
+             "--store with the original store")
+    return store
 
 
 def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, Any]]:
@@ -241,15 +347,13 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
               "eval splices single-hook SAEs only; their per-hook FVU and L0 from training are "
               "in metrics.json and `train-sae report`", file=sys.stderr)
     doc = sweep_document(path)
-    store = None
-    if doc.get("store") and Path(doc["store"]).exists():
-        store = open_store(doc["store"])
+    store = find_store(doc, opts.store)
     manifest = store.manifest if store is not None else None
     spec = resolve_tokens(opts, manifest)
     loaded = resolve_model(opts, manifest)
-    check_members(members, loaded)
+    model_check = check_members(members, loaded, doc)
     check_context_size(loaded.model, spec.context_size)
-    start, source = held_out_start(spec, store)
+    start, source = held_out_start(spec, training_data(doc, store))
     batches = token_batches(spec, loaded.tokenizer, loaded.model.cfg.d_vocab, opts, start)
     hooks = sorted({m.target.hook for m in members})
     means = ablation_means(loaded.model, hooks, store, opts, batches)
@@ -261,7 +365,8 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
                               progress=bar.update)
     n_seq = sum(t.shape[0] for t, _ in batches)
     context = {
-        "model": loaded.spec, "dataset": spec.to_dict(), "start_sequence": start,
+        "model": loaded.spec, "model_check": model_check, "dataset": spec.to_dict(),
+        "dataset_fingerprint": source_fingerprint(spec), "start_sequence": start,
         "n_sequences": n_seq, "tokens_source": f"{source} ({n_seq} sequences)",
         "mean_source": ("mean over the evaluated tokens" if opts.mean_source == "eval"
                         else "the store's mean activation"),
@@ -275,7 +380,7 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
 def write_eval(folder: Path, result: dict[str, Any]) -> None:
     """Add `result` under "eval" in folder/metrics.json (atomically)."""
     path = folder / METRICS_JSON
-    doc = json.loads(path.read_text())
+    doc = read_json(path, "member metrics")
     doc["eval"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                    for k, v in result.items()}
     write_json(path, doc)

@@ -111,11 +111,14 @@ def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, 
                       ) -> dict[str, Any]:
     settings = {k: v for k, v in cfg.to_dict().items()
                 if k not in ("resume", "overwrite", "out", "store")}
+    # eval checks its model by content; None = imported activations (no model to check)
+    model_fp = ({"model_fingerprint": manifest.fingerprints["model"]}
+                if "model" in manifest.fingerprints else {})
     return {
         "store": str(Path(cfg.store).resolve()),
         # the store by content: a --resume or an eval on another store under this path refuses
         "store_fingerprint": store_fingerprint(manifest),
-        "dataset_fingerprint": manifest.fingerprints.get("dataset"),
+        "dataset_fingerprint": manifest.fingerprints.get("dataset"), **model_fp,
         "hook": ", ".join(store_hooks), "hooks": list(store_hooks), "d_in": dict(dims),
         "model": manifest.model, "total_steps": total_steps,
         "tokens": total_steps * cfg.batch_size, "settings": settings,
