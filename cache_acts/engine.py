@@ -336,6 +336,7 @@ def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
     sink = _chunk_sink(group, job.out, m, files.folder)
 
     last_chunk = last_chunk_of_buckets(bucket_rows, m.chunk_rows)
+    files.check(state.bucket_bytes, needed=[last >= state.chunks_done for last in last_chunk])
 
     def commit(index: int, sums: dict[str, int]) -> None:  # chunks 0..index are on disk
         for path, crc in sums.items():

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.errors import fail
+
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -79,12 +81,21 @@ class BucketFiles:
 
     def truncate_to(self, sizes: list[int]) -> None:
         """Cut every file back to its committed size in bytes (resume after a crash)."""
+        self.check(sizes)
+        for b, size in enumerate(sizes):
+            with open(self.path(b), "ab") as f:
+                f.truncate(size)
+
+    def check(self, sizes: list[int], needed: list[bool] | None = None) -> None:
+        """Refuse to continue from bucket files (those `needed`, default all) shorter than their
+        committed sizes: deleted or cut by hand, they would lose rows."""
         for b, size in enumerate(sizes):
             p = self.path(b)
             have = p.stat().st_size if p.exists() else 0
-            assert have >= size, f"bucket file {p} is shorter than its committed size"
-            with open(p, "ab") as f:
-                f.truncate(size)
+            if (needed is None or needed[b]) and have < size:
+                fail(f"bucket file {p} holds {have} bytes but {size} were committed: the "
+                     f"interrupted run's temporary files were deleted or damaged, so it cannot "
+                     "resume; start again with --overwrite")
 
     def sizes(self) -> list[int]:
         """Bytes in each file (only meaningful right after `flush`)."""
