@@ -145,6 +145,9 @@ def main() -> None:
         r = measure(store, batch_size=a.batch_size, seconds=a.loader_seconds)
         print(f"(a) loader {r['loader_rows_per_s']:,.0f} rows/s vs numpy.fromfile "
               f"{r['fromfile_rows_per_s']:,.0f} rows/s: ratio {r['ratio']:.2f}")
+        print(f"(a) chunk checks (CRC32 + NaN/inf, first read of each chunk): "
+              f"{r['verify_s_per_pass'] * 1e3:.1f} ms per pass over the store, "
+              f"{r['verify_over_loader_pass']:.2f} x one loader pass")
         for arch, params in (("topk", {"k": 32}), ("relu", {"l1_coefficient": 1.0})):
             s = bench_step(arch, params, a.d_in, a.width, a.batch_size, device, a.rounds * 5)
             print(f"(b) {arch} training step {s['step_s'] * 1e3:.2f} ms vs bare matmuls "

@@ -22,6 +22,7 @@ import typer
 
 from shared.errors import fail, run_cli
 from shared.store import (
+    STORAGE_DTYPES,
     HookStats,
     Manifest,
     Store,
@@ -30,7 +31,7 @@ from shared.store import (
     open_store,
     seal,
 )
-from train_sae.loader import ActivationLoader
+from train_sae.loader import ActivationLoader, ChunkVerifier
 
 
 def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.0,
@@ -41,6 +42,8 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
     streaming E epochs, E chosen so a block reads about `block_bytes`) until `seconds` have been
     spent in total; rates are total rows over total time for each. A training run builds one
     loader and streams from it, so each block builds one (its start-up is counted once a block).
+    A loader checks each chunk (CRC32, NaN/inf) on its first read; that one-off cost is timed
+    separately (`verify_s_per_pass`) and the blocks measure the steady state after it.
     """
     store = open_store(store_path)
     m = store.manifest
@@ -52,6 +55,8 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
     dtype = np.dtype("<f4") if m.dtype == "float32" else np.dtype("<u2")
     row_bytes = sum(m.d_in.values()) * dtype.itemsize
     epochs = max(1, block_bytes // (m.n_rows * row_bytes))
+    verified = ChunkVerifier(store)
+    verify_s = _verify_pass(store, verified)
     spent = {"fromfile": 0.0, "loader": 0.0}
     rows = {"fromfile": 0, "loader": 0}
     blocks = 0
@@ -63,6 +68,7 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
         spent["fromfile"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         loader = ActivationLoader(store, m.hooks, batch_size, epochs * n_batches, seed=blocks)
+        loader.verifier = verified  # steady state: first-read checks are timed on their own
         for _batch in loader:
             pass
         spent["loader"] += time.perf_counter() - t0
@@ -71,6 +77,10 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
         blocks += 1
     rates = {k: rows[k] / spent[k] for k in rows}
     return {
+        # what a loader adds on its first pass over each chunk (CRC32 + NaN/inf check), against
+        # the time of one loader pass
+        "verify_s_per_pass": verify_s,
+        "verify_over_loader_pass": verify_s / (m.n_rows / rates["loader"]),
         "store_bytes": m.n_rows * row_bytes,
         "passes": blocks * epochs,
         "loader_rows_per_s": rates["loader"],
@@ -79,6 +89,19 @@ def measure(store_path: str | Path, batch_size: int = 4096, seconds: float = 10.
         "fromfile_gb_per_s": rates["fromfile"] * row_bytes / 1e9,
         "ratio": rates["loader"] / rates["fromfile"],
     }
+
+
+def _verify_pass(store: Store, verifier: ChunkVerifier) -> float:
+    """Seconds to check every chunk of every hook once, as a loader does on first reads."""
+    m = store.manifest
+    t0 = time.perf_counter()
+    for hook in m.hooks:
+        for chunk in range(m.n_chunks):
+            valid = min(m.chunk_rows, m.n_rows - chunk * m.chunk_rows)
+            rows = np.memmap(store.chunk_file(acts_path(hook), chunk), dtype=STORAGE_DTYPES[m.dtype],
+                             mode="r", shape=(valid, m.d_in[hook]))
+            verifier.check(hook, chunk, rows)
+    return time.perf_counter() - t0
 
 
 def _fromfile_pass(store: Store, hook: str, dtype: np.dtype, batch_size: int) -> None:
@@ -136,6 +159,9 @@ def bench(
     print(f"numpy.fromfile : {r['fromfile_rows_per_s']:12,.0f} rows/s  {r['fromfile_gb_per_s']:.2f} GB/s")
     print(f"ActivationLoader: {r['loader_rows_per_s']:11,.0f} rows/s  {r['loader_gb_per_s']:.2f} GB/s")
     print(f"ratio loader / fromfile: {r['ratio']:.2f} (goal >= 0.7)")
+    print(f"checksum + NaN/inf check of every chunk: {r['verify_s_per_pass']:.3f}s, "
+          f"{r['verify_over_loader_pass']:.2f} x one loader pass (paid once per loader, on the "
+          "first read of each chunk)")
 
 
 def main() -> None:
