@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from cache_acts.state import RunState, tmp_dir
 from shared.errors import fail
+from shared.fingerprint import short
 from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, open_store
 
 
@@ -60,6 +61,7 @@ def info(path: Path, as_json: bool = False) -> str:
         lines.append(f"dataset      {ds}, context {m.context_size}, "
                      f"BOS {'on' if m.prepend_bos else 'off'}"
                      + (f", positions from {first}" if first else ""))
+    lines += _fingerprint_lines(m.fingerprints)
     lines.append(f"on disk      {_fmt_bytes(_size_on_disk(path))}")
     lines.append("hooks")
     for h in m.hooks:
@@ -67,6 +69,20 @@ def info(path: Path, as_json: bool = False) -> str:
         extra = f"  mean_norm {st.mean_norm:.4g}" if st else ""
         lines.append(f"  {h}  d_in {m.d_in[h]}{extra}")
     return "\n".join(lines)
+
+
+def _fingerprint_lines(fingerprints: dict) -> list[str]:
+    """What the store was cached from, by content (shared.fingerprint), when it says."""
+    if not fingerprints:
+        return ["content      not recorded (a store written before fingerprints)"]
+    model = fingerprints.get("model")
+    models = ({"": model} if model is None or "digest" in model else model)
+    parts = [f"model{' ' + tag if tag else ''} {short(fp)}" for tag, fp in models.items()]
+    dataset = fingerprints.get("dataset") or {}
+    files = f", {dataset['files']} file(s), {_fmt_bytes(dataset['bytes'])}" if "files" in dataset \
+        else ""
+    parts.append(f"dataset {short(dataset)} ({dataset.get('kind', '?')}{files})")
+    return [f"content      {'; '.join(parts)}"]
 
 
 def _model_lines(model: str, model_info: dict) -> list[str]:
