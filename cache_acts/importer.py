@@ -130,17 +130,18 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
                 cursor=cursor,
             )
 
-    files = [str(s.path.resolve()) for s in sources]
+    # no model to fingerprint: the activations are all there is
+    fingerprints = {"model": None, "dataset": files_fingerprint(
+        [s.path for s in sources], "activation files", key=cfg.key)}
     manifest = Manifest(
         model=cfg.model, hooks=[cfg.hook], d_in={cfg.hook: d_in}, dtype=cfg.dtype, n_rows=0,
         context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, compression=cfg.compression,
-        source_files=files,
+        source_files=[str(s.path.resolve()) for s in sources], fingerprints=fingerprints,
     )
-    fingerprints = {"model": None, "dataset": files_fingerprint(
-        [s.path for s in sources], "activation files", key=cfg.key)}
-    manifest.fingerprints = fingerprints
-    settings = {"dataset_fingerprint": fingerprints["dataset"], "files": files, "key": cfg.key, "hook": cfg.hook, "dtype": cfg.dtype,
-                "compression": cfg.compression, "seed": cfg.seed, "chunk_rows": cfg.chunk_rows}
+    # the files are known by their content (in order), so moved copies resume
+    settings = {"dataset_fingerprint": fingerprints["dataset"], "key": cfg.key, "hook": cfg.hook,
+                "dtype": cfg.dtype, "compression": cfg.compression, "seed": cfg.seed,
+                "chunk_rows": cfg.chunk_rows}
     job = Job(out=cfg.out, manifest=manifest, settings=settings, row_bound=n_rows,
               max_rows=n_rows, shuffle_memory=cfg.shuffle_memory,
               nonfinite_hint="the input files hold them; remove or fix those rows and import "
