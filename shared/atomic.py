@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from shared.errors import fail
 
@@ -32,6 +33,48 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Fa
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# The writers of torch and safetensors report a failed write (a full disk) as their own errors
+# (RuntimeError "unexpected pos", SafetensorError), which would reach the user as a traceback;
+# these keep it the OSError it is, so the CLIs say "the disk is full" in one line.
+def write_safetensors(path: Path, tensors: dict[str, Any]) -> None:
+    """safetensors.torch.save_file, with a failed write raised as OSError (the file's bytes are
+    built in memory first: a dictionary's size, far below a checkpoint's)."""
+    from safetensors.torch import save
+
+    path.write_bytes(save(tensors))
+
+
+def write_torch(path: Path, obj: Any) -> None:
+    """torch.save, streamed to the file, with a failed write raised as OSError."""
+    import torch
+
+    with open(path, "wb") as f:
+        sink = _WriteErrors(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def check_out(path: Path, option: str = "--out") -> None:

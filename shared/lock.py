@@ -63,8 +63,14 @@ def _acquire(path: Path, command: str) -> int:
         if same:
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                       "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(holder).encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(holder).encode())
+            except BaseException:  # a full disk: let go of the lock (and its empty file)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                os.close(fd)
+                raise
             return fd
         os.close(fd)
     raise RuntimeError(f"could not lock {path}")  # pragma: no cover - a livelock of 100 rounds

@@ -171,7 +171,7 @@ def test_disk_full_saving_weights_keeps_the_old_ones(tmp_path, monkeypatch):
                   input_scale=1.0)
     save_sae(sae, tmp_path, **kwargs)
     before = (tmp_path / WEIGHTS_FILENAME).read_bytes()
-    monkeypatch.setattr("train_sae.saving.save_file", lambda tensors, p: _full(Path(p)))
+    monkeypatch.setattr("train_sae.saving.write_safetensors", lambda p, tensors: _full(Path(p)))
     with pytest.raises(OSError):
         save_sae(build_sae("topk", 4, 8, {"k": 2}, 1), tmp_path, **kwargs)
     assert (tmp_path / WEIGHTS_FILENAME).read_bytes() == before

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from shared.atomic import atomic_write, temporary_sibling
+from shared.atomic import atomic_write, temporary_sibling, write_torch
 from shared.errors import fail
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -23,7 +23,7 @@ REQUIRED_KEYS = frozenset({"step", "torch_rng", "members", "store_fingerprint"})
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     path = folder / CHECKPOINT_NAME
-    atomic_write(path, lambda tmp: torch.save(state, tmp), durable=True)
+    atomic_write(path, lambda tmp: write_torch(tmp, state), durable=True)
     return path
 
 

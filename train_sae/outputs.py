@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,8 @@ def prepare_out(out: Path, cfg: TrainConfig, doc: dict[str, Any]) -> dict[str, A
         elif not cfg.resume:
             fail(f"--out {out} already holds a sweep; pass --resume to continue it or "
                  "--overwrite to replace it")
-    elif cfg.resume:
-        fail(f"--resume: {out} holds no sweep to resume; drop --resume to start one")
+    elif cfg.resume:  # as cache-acts: a run stopped before writing anything starts afresh
+        print(f"note: {out} holds no sweep yet; starting it", file=sys.stderr)
     if cfg.resume and old is not None:
         if old.get("status") == "complete":
             fail(f"the sweep in {out} is already complete; use --overwrite to train it again")

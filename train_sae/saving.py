@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from shared.atomic import atomic_write, atomic_write_text
+from shared.atomic import atomic_write, atomic_write_text, write_safetensors
 from shared.errors import fail
 from train_sae.saes import REGISTRY, SAE, make_config
 
@@ -92,9 +92,10 @@ def save_sae(
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     (out / CFG_FILENAME).unlink(missing_ok=True)  # an old cfg.json must not vouch for new weights
-    atomic_write(out / WEIGHTS_FILENAME, lambda p: save_file(weights, str(p)))
+    atomic_write(out / WEIGHTS_FILENAME, lambda p: write_safetensors(p, weights))
     log_density = sparsity.detach().float().cpu().contiguous().clone()
-    atomic_write(out / SPARSITY_FILENAME, lambda p: save_file({"sparsity": log_density}, str(p)))
+    atomic_write(out / SPARSITY_FILENAME,
+                 lambda p: write_safetensors(p, {"sparsity": log_density}))
     atomic_write_text(out / CFG_FILENAME, json.dumps(cfg, indent=2))
     return out
 

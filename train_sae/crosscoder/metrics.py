@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shared.atomic import atomic_write
+from shared.atomic import atomic_write, write_safetensors
 from shared.errors import fail
 from train_sae.metrics import metric_tensors
 
@@ -142,12 +142,10 @@ def save_relative_norms(W_dec: torch.Tensor, splits: Sequence[int], hooks: Seque
     """Relative decoder norms of a two-hook crosscoder (W_dec [d_sae, D] in training units) into
     `folder`: the values (`relative_norms.safetensors`, key "relative_norms"), the histogram
     (`relative_norms.png`); returns the summary counts."""
-    from safetensors.torch import save_file
-
     assert len(splits) == len(hooks) == 2, (splits, hooks)
     folder = Path(folder)
     values = relative_decoder_norms(W_dec, splits).cpu()  # [d_sae]
     atomic_write(folder / RELATIVE_NORMS_FILE,
-                 lambda tmp: save_file({"relative_norms": values.contiguous()}, str(tmp)))
+                 lambda tmp: write_safetensors(tmp, {"relative_norms": values.contiguous()}))
     plot_relative_norms(values, folder / RELATIVE_NORMS_PLOT, labels=hook_labels(*hooks))
     return relative_norm_summary(values, hooks)

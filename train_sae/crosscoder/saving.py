@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from shared.atomic import write_safetensors
 from shared.errors import fail
 from train_sae.crosscoder.model import CROSSCODER_REGISTRY, Crosscoder, build_crosscoder
 from train_sae.saving import CFG_FILENAME as CFG_FILE  # the same names as an SAE's folder
@@ -114,9 +115,9 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, *, models: str | list[st
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
-        save_file({"sparsity": sparsity.detach().float().cpu().contiguous()},
-                  str(tmp / SPARSITY_FILE))
+        write_safetensors(tmp / WEIGHTS_FILE, tensors)
+        write_safetensors(tmp / SPARSITY_FILE,
+                          {"sparsity": sparsity.detach().float().cpu().contiguous()})
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
         if folder.exists():
             (folder / CFG_FILE).unlink(missing_ok=True)  # old cfg.json must not vouch for new weights
