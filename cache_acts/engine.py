@@ -118,14 +118,17 @@ def remove_store(out: Path) -> None:
         return
     entries = _entries(out)
     manifest = _read_manifest(out)
-    ours = {TMP_DIR} & entries if RunState.load(tmp_dir(out)) is not None else set()
-    if manifest:
+    state = RunState.load(tmp_dir(out))
+    ours = {TMP_DIR} & entries if state is not None else set()
+    if manifest or state is not None:  # (a run may stop before the group has its first manifest)
         ours |= {"zarr.json", ACTS_GROUP, *META_ARRAYS} & entries
     elif "zarr.json" in entries:
         fail(f"refusing to overwrite {out}: it is a Zarr store that cache-acts did not write "
              "(no manifest); choose another --out")
+    hooks = manifest.get("hooks") or (state.settings.get("hooks") or [state.settings.get("hook")]
+                                      if state is not None else [])
     foreign = entries - ours
-    if foreign or not _acts_are_ours(out, manifest):
+    if foreign or not _acts_are_ours(out, hooks):
         names = sorted(foreign) or [ACTS_GROUP + "/ (arrays not in the manifest)"]
         fail(f"refusing to overwrite {out}: it holds files cache-acts did not write "
              f"({', '.join(names[:5])}); move them away or choose another --out")
@@ -134,13 +137,12 @@ def remove_store(out: Path) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def _acts_are_ours(out: Path, manifest: dict[str, Any]) -> bool:
-    """acts/ holds only the manifest's hook arrays (hook names may nest: `tag/hook`)."""
+def _acts_are_ours(out: Path, hooks: list[Any]) -> bool:
+    """acts/ holds only our hook arrays (hook names may nest: `tag/hook`)."""
     acts = out / ACTS_GROUP
     if not acts.is_dir():
         return True
-    hooks = [str(h) for h in manifest.get("hooks", [])]
-    allowed = {"zarr.json"} | {h.split("/")[0] for h in hooks}
+    allowed = {"zarr.json"} | {str(h).split("/")[0] for h in hooks}
     return {p.name for p in acts.iterdir()} <= allowed
 
 

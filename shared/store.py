@@ -318,6 +318,9 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
     except Exception as e:  # noqa: BLE001 - any unreadable group is the user's to fix
         fail(f"cannot open {p} as a Zarr v3 group ({e}); recreate it with `cache-acts run`")
     raw = group.attrs.get(MANIFEST_KEY)
+    if raw is None and (p / WORK_DIR).is_dir():  # stopped before the group's first manifest
+        fail(f"store {p} is not complete (a run was interrupted); finish it with "
+             "`cache-acts run ... --resume` or recreate it with --overwrite")
     if raw is None:
         fail(f"{p} is a Zarr group without a manifest; it was not written by cache-acts")
     try:

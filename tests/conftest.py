@@ -7,6 +7,7 @@ expected token rows can be written down directly: "t5 t6" -> [5, 6]. Special tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -144,3 +145,76 @@ def invoke(main: Callable[[], None], prog: str, monkeypatch, capsys, *argv) -> t
         code = int(e.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+class SmallDisk:
+    """A small tmpfs at `path` (see the `small_disk` fixture): `leave_free(n)` fills it with a
+    filler file until about n bytes are free (tmpfs counts whole 4 KiB pages), `fill()` leaves
+    none, `make_space()` deletes the filler again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.filler = path / "filler"
+
+    def free(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def leave_free(self, nbytes: int) -> None:
+        extra = self.free() - nbytes
+        if extra > 0:
+            with open(self.filler, "ab") as f:
+                f.write(bytes(extra))
+
+    def fill(self) -> None:
+        self.leave_free(0)
+
+    def make_space(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs mounted under tmp_path (root only; skipped where it cannot be mounted),
+    unmounted afterwards."""
+    import gc
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield SmallDisk(path)
+    finally:
+        gc.collect()  # memory maps and files of a failed in-process run
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path, command: str):
+    """Hold `folder`'s output lock on another thread (as another run would) inside the block."""
+    import threading
+
+    from shared.lock import exclusive
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with exclusive(folder, command):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        t.join()

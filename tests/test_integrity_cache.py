@@ -6,19 +6,18 @@ count, statistics stay finite for huge inputs, and a second writer is turned awa
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from conftest import invoke
+from conftest import invoke, lock_held_elsewhere
 
 import cache_acts.run as run_module
 from cache_acts.cli import main
 from cache_acts.state import STATE_FILE, TMP_DIR
-from shared.lock import LOCK_FILE, exclusive
+from shared.lock import LOCK_FILE
 
 CTX = 8
 HOOK = "blocks.0.hook_resid_post"
@@ -175,22 +174,9 @@ def test_statistics_of_huge_finite_values_stay_finite(tmp_path, monkeypatch, cap
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_store(data, monkeypatch, capsys):
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with exclusive(data / "store", "cache-acts"):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    try:
+    with lock_held_elsewhere(data / "store", "cache-acts"):
         code, _, err = cli(monkeypatch, capsys, *args(data), "--tokens", "100", "--resume")
         assert code == 2 and "is being written by another run (cache-acts, pid" in err
-    finally:
-        release.set()
-        t.join()
     assert not any((data / "store").iterdir())  # the refused run wrote nothing
     assert cli(monkeypatch, capsys, *args(data), "--tokens", "100")[0] == 0
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
 import zarr
-from conftest import invoke
+from conftest import invoke, lock_held_elsewhere
 
-from shared.lock import exclusive
 from train_sae.cli import main
 from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
@@ -152,22 +150,10 @@ def test_nan_rows_are_blamed_on_the_store(tmp_path, monkeypatch, capsys):
 
 def test_a_second_writer_is_refused(tmp_path, monkeypatch, capsys):
     store, out = write_store(tmp_path / "s"), tmp_path / "o"
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with exclusive(out, "train-sae"):
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    try:
+    with lock_held_elsewhere(out, "train-sae"):
         code, _, err = cli(monkeypatch, capsys, *train_args(store, out))
         one_line(code, err, "is being written by another run (train-sae, pid")
-    finally:
-        release.set()
-        t.join()
+    assert not any(out.iterdir())
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
