@@ -213,8 +213,9 @@ def _change(key: str, old: Any, new: Any) -> str:
 
 
 def _short_all(fp: Any) -> str:
-    if isinstance(fp, list):
-        return ", ".join(short(f) for f in fp)
+    """A fingerprint, or those of several models by tag, in short."""
+    if isinstance(fp, dict) and "digest" not in fp:
+        return ", ".join(f"{tag} {short(f)}" for tag, f in fp.items())
     return short(fp)
 
 

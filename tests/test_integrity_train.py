@@ -40,23 +40,27 @@ def one_line(code, err, message, want_code=2):
     assert "Traceback" not in err and err.strip().splitlines()[-1] == errors[0]
 
 
-def test_resume_refuses_a_store_replaced_at_the_same_path(tmp_path, monkeypatch, capsys):
-    store, out = write_store(tmp_path / "s"), tmp_path / "o"
+def interrupted_sweep(store, out, monkeypatch, capsys) -> None:
+    """A two-member sweep with checkpoints every 8 steps, stopped by Ctrl-C at step 10 of 16."""
     import train_sae.trainer as trainer
 
-    real_step = trainer.Member.step
-    calls = []
+    real_step, calls = trainer.Member.step, []
 
     def crash_at_step_10(self, *a, **k):
         calls.append(1)
-        if len(calls) == 20:  # two members: step 10 of 16
+        if len(calls) == 20:  # two members
             raise KeyboardInterrupt
         return real_step(self, *a, **k)
 
     monkeypatch.setattr(trainer.Member, "step", crash_at_step_10)
-    code, _, err = cli(monkeypatch, capsys, *train_args(store, out, "--checkpoint-every", 8))
+    code, _, _ = cli(monkeypatch, capsys, *train_args(store, out, "--checkpoint-every", 8))
     monkeypatch.setattr(trainer.Member, "step", real_step)
     assert code == 2 and (out / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_store_replaced_at_the_same_path(tmp_path, monkeypatch, capsys):
+    store, out = write_store(tmp_path / "s"), tmp_path / "o"
+    interrupted_sweep(store, out, monkeypatch, capsys)
     shutil.rmtree(store)
     write_store(store, seed=1)  # same path, other rows
     code, _, err = cli(monkeypatch, capsys, *train_args(store, out, "--checkpoint-every", 8),
@@ -200,3 +204,19 @@ def test_a_sweep_in_which_every_member_failed_exits_1(tmp_path, monkeypatch, cap
                        "--batch-size", 64, "--device", "cpu", "--arch", "topk",
                        "--width", 16, "--k", 2, "--lr", "1e-3,1e7")
     assert code == 0, err  # one member finished: the sweep did its job
+
+
+def test_a_moved_store_resumes_and_the_sweep_records_where_it_is(tmp_path, monkeypatch, capsys):
+    store, out = write_store(tmp_path / "s"), tmp_path / "o"
+    interrupted_sweep(store, out, monkeypatch, capsys)
+    moved = tmp_path / "moved"
+    store.rename(moved)
+    code, _, err = cli(monkeypatch, capsys, *train_args(moved, out, "--checkpoint-every", 8),
+                       "--resume")
+    assert code == 0, err
+    assert json.loads((out / "sweep.json").read_text())["store"] == str(moved.resolve())
+    reference = tmp_path / "ref"
+    assert cli(monkeypatch, capsys, *train_args(moved, reference))[0] == 0
+    for member in (p.name for p in reference.iterdir() if p.is_dir()):
+        assert (out / member / "sae_weights.safetensors").read_bytes() == \
+            (reference / member / "sae_weights.safetensors").read_bytes()

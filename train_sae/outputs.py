@@ -147,6 +147,8 @@ def prepare_out(out: Path, cfg: TrainConfig, doc: dict[str, Any]) -> dict[str, A
         if old.get("status") == "complete":
             fail(f"the sweep in {out} is already complete; use --overwrite to train it again")
         check_same_sweep(old, doc, out)
+        if old.get("store") != doc["store"]:  # the same store, moved: eval looks for it there
+            write_json(out / SWEEP_JSON, {**old, "store": doc["store"]})
         ckpt = load_checkpoint(out)
         if ckpt is not None and ckpt.get("store_fingerprint") != doc["store_fingerprint"]:
             fail(f"checkpoint {out / CHECKPOINT_NAME} was written while training on another "
