@@ -76,9 +76,15 @@ def _acquire(path: Path, command: str) -> int:
     raise RuntimeError(f"could not lock {path}")  # pragma: no cover - a livelock of 100 rounds
 
 
-def _holder(path: Path) -> str:
-    try:
-        h = json.loads(path.read_text())
-        return f"{h['command']}, pid {h['pid']} on host {h['host']}, since {h['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not yet said who it is"
+def _holder(path: Path, wait_s: float = 2.0) -> str:
+    """Who holds the lock, from its file; a holder that has just locked it writes its record a
+    moment later, so an empty or partial record is read again for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            h = json.loads(path.read_text())
+            return f"{h['command']}, pid {h['pid']} on host {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "a process that has not yet said who it is"
+            time.sleep(0.05)
