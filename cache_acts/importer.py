@@ -18,7 +18,7 @@ from cache_acts.engine import Job, run_job
 from cache_acts.model_list import check_hook_name
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
-from shared.errors import fail
+from shared.errors import check_seed, fail
 from shared.fingerprint import files_fingerprint
 from shared.store import Manifest, check_dtype, to_storage
 
@@ -47,6 +47,7 @@ class ImportConfig:
             fail(f"--hook {self.hook!r} must be a name without '/'")
         if self.chunk_rows < 1:
             fail(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+        check_seed(self.seed)
 
 
 class _Source:

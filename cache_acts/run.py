@@ -17,7 +17,7 @@ from cache_acts.engine import Job, run_job
 from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
-from shared.errors import fail
+from shared.errors import check_seed, fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
 from shared.store import Manifest, check_dtype, to_storage
 from shared.tokens import (
@@ -56,6 +56,7 @@ class RunConfig:
             fail(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.chunk_rows < 1:
             fail(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+        check_seed(self.seed)
         if self.max_tokens is not None and self.max_tokens < 1:
             fail(f"--tokens must be at least 1, got {self.max_tokens}")
         if self.shuffle_memory < 2:

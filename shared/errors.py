@@ -27,6 +27,12 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
+def check_seed(seed: int) -> None:
+    """Seeds feed numpy's and torch's generators, which take 0 .. 2**63 - 1."""
+    if not 0 <= seed < 2**63:
+        fail(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
+
+
 def _die(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USAGE)

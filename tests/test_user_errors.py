@@ -286,3 +286,19 @@ def test_damaged_sae_files_are_named(tmp_path, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=re.escape(str(tmp_path / name))):
         load_sae(tmp_path) if name != SPARSITY_FILENAME else read_log10_density(tmp_path)
+
+
+# 10. seeds outside what the generators take --------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_the_generators_cannot_take_is_one_line(monkeypatch, capsys, tmp_path, store, npy,
+                                                       tiny_model_json_with_tokenizer, tiny_jsonl,
+                                                       seed):
+    message = f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}"
+    one_line_error(train(monkeypatch, capsys, *sweep_args(store, tmp_path / "o"), "--arch",
+                         "topk", "--width", 8, "--k", 2, "--seed", seed), message)
+    one_line_error(cache(monkeypatch, capsys, "import", npy, "--hook", "h", "--out",
+                         tmp_path / "i", "--seed", seed), message)
+    one_line_error(cache(monkeypatch, capsys, *run_args(tiny_model_json_with_tokenizer, tiny_jsonl,
+                                                        tmp_path / "r", "--seed", seed)), message)
+    assert not any((tmp_path / name).exists() for name in ("o", "i", "r"))

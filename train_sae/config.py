@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.errors import fail
+from shared.errors import check_seed, fail
 
 # Hyperparameters that belong to the optimizer / schedule, valid for every architecture.
 OPTIM_KEYS = ("lr", "beta1", "beta2", "lr_warmup_steps", "lr_decay_frac", "grad_clip")
@@ -151,6 +151,7 @@ class TrainConfig:
             fail(f"diverge_factor must be > 1, got {self.diverge_factor}")
         if self.log_every < 1:
             fail(f"--log-every must be >= 1, got {self.log_every}")
+        check_seed(self.seed)
         if self.resume and self.overwrite:
             fail("--resume and --overwrite contradict each other; choose one")
         twice = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
