@@ -41,7 +41,7 @@ from cache_acts.writer import (
     write_chunk,
 )
 from shared.errors import fail
-from shared.fingerprint import short
+from shared.fingerprint import digests, short
 from shared.lock import LOCK_FILE, exclusive
 from shared.store import (
     ACTS_GROUP,
@@ -197,7 +197,7 @@ def _already_complete(job: Job) -> Manifest:
 
 def check_same_settings(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     """Refuse a --resume whose options or inputs (by content) differ from the first run's."""
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = [k for k in sorted(set(old) | set(new)) if digests(old.get(k)) != digests(new.get(k))]
     if changed:
         parts = [_change(k, old.get(k), new.get(k)) for k in changed]
         fail(f"--resume of {out} with different inputs: {'; '.join(parts)}; rerun with the "

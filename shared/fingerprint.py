@@ -64,5 +64,16 @@ def same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     return a is not None and b is not None and a.get("digest") == b.get("digest")
 
 
+def digests(value: Any) -> Any:
+    """A fingerprint, or fingerprints nested in dicts and lists (several models by tag), reduced
+    to their digests: what identity compares (the other fields, such as where a file was read,
+    only help a person read it)."""
+    if isinstance(value, dict):
+        return value["digest"] if "digest" in value else {k: digests(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [digests(v) for v in value]
+    return value
+
+
 def short(fp: dict[str, Any] | None) -> str:
     return "unknown" if not fp or not fp.get("digest") else str(fp["digest"])[:SHORT]

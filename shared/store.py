@@ -27,7 +27,7 @@ import torch
 import zarr
 
 from shared.errors import fail
-from shared.fingerprint import digest_of
+from shared.fingerprint import digest_of, digests
 
 # Every chunk gets a file, even an all-zero one, so readers can memory-map chunk files blindly.
 # (Zarr's runtime config is per process and not stored in the arrays, so it is set here, where
@@ -176,7 +176,8 @@ def store_fingerprint(manifest: Manifest) -> dict[str, Any]:
     every stored byte), plus the fingerprints of what it was cached from."""
     assert manifest.complete
     content = [manifest.format_version, manifest.hooks, manifest.d_in, manifest.dtype,
-               manifest.n_rows, manifest.chunk_rows, manifest.checksums, manifest.fingerprints]
+               manifest.n_rows, manifest.chunk_rows, manifest.checksums,
+               digests(manifest.fingerprints)]
     return {"kind": "store", "n_rows": manifest.n_rows, "digest": digest_of(content)}
 
 

@@ -438,6 +438,8 @@ def source_fingerprint(spec: TokenSpec) -> dict[str, Any]:
     if all(f.suffix in TEXT_SUFFIXES for f in files):
         column = {}  # a text file is one document whatever the column option says
     fp = files_fingerprint(files, kind, **column)
+    if spec.dataset is not None:  # where it was read (not part of the digest)
+        fp["path"] = str(Path(spec.dataset).expanduser().resolve())
     fp["files_digest"] = fp["digest"]  # the bytes alone, for "same files, other column"
     fp["digest"] = digest_of([fp["digest"], column])
     return fp

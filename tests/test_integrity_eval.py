@@ -154,3 +154,16 @@ def test_an_sae_trained_on_imported_activations_evaluates_with_model(world, tmp_
     assert ev["model_check"].startswith("not checked: the store was imported")
     assert "whether its rows came from these tokens cannot be told" in ev["tokens_source"]
     assert ev["start_sequence"] == 0 and 0 < ev["fvu"] < 1
+
+
+def test_the_cached_file_changed_in_place_cannot_be_told(world, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(world / "sweep", sweep)
+    original = (world / "data.jsonl").read_text()
+    try:
+        with (world / "data.jsonl").open("a") as f:  # more lines: a superset of the cached data
+            f.write(json.dumps({"ids": [5, 6, 7, 8, 9, 10], "ids2": [5]}) + "\n")
+        code, _, err = cli(capsys, "eval", sweep, "--device", "cpu")
+        assert code == 2 and "changed since the store was cached from it" in err
+    finally:
+        (world / "data.jsonl").write_text(original)

@@ -231,6 +231,10 @@ def _same_stream(cached: dict[str, Any], fp: dict[str, Any], where: str) -> bool
         fail(f"{where} holds the same files the store was cached from, read through another "
              "column; whether its tokens overlap the cached ones cannot be told; evaluate on the "
              "store's column (the default) or on other data")
+    if cached.get("path") and cached.get("path") == fp.get("path"):
+        fail(f"{where} changed since the store was cached from it (content "
+             f"{short(cached)}, now {short(fp)}), so which of its sequences were cached cannot be "
+             "told; evaluate on other data, or recache the store")
     if cached.get("kind") == fp.get("kind") == "hub" and all(
             cached.get(k) == fp.get(k) for k in ("name", "split", "text_column", "token_column")):
         if cached.get("revision") and fp.get("revision"):  # both known, and they differ
