@@ -40,6 +40,7 @@ import cache_acts.importer  # noqa: F401 - imported here (the CLI imports them l
 import cache_acts.run  # noqa: F401 - reference runs time the work, not the imports
 import train_sae.cli
 from cache_acts.state import STATE_FILE, TMP_DIR
+from shared.fingerprint import digests
 from shared.lock import LOCK_FILE
 from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
@@ -186,6 +187,8 @@ def without_paths(manifest: dict) -> dict:
     """The manifest less the entries that hold input paths (a copied dataset or model config
     has the same content under another name)."""
     m = {k: v for k, v in manifest.items() if k not in ("dataset", "source_files")}
+    for key in ("fingerprints", "settings"):  # fingerprints by digest (they also say where)
+        m[key] = digests(m.get(key))
     source = dict(m.get("model_info", {}).get("source", {}))
     source.pop("path", None)
     if source:
