@@ -236,7 +236,7 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
 def seal(group: zarr.Group, manifest: Manifest) -> None:
     """Mark a store whose arrays are fully written complete: record every chunk's checksum (read
     back from the arrays) and write the final manifest. For stores written outside cache-acts'
-    engine (benchmarks, tests), which checksums chunks as it writes them."""
+    engine (benchmarks, tests); the engine checksums each chunk as it writes it."""
     rows = manifest.chunk_rows
     manifest.checksums = {
         path: [checksum(group[path][lo:lo + rows]) for lo in range(0, manifest.n_rows, rows)]
