@@ -220,3 +220,28 @@ def test_a_moved_store_resumes_and_the_sweep_records_where_it_is(tmp_path, monke
     for member in (p.name for p in reference.iterdir() if p.is_dir()):
         assert (out / member / "sae_weights.safetensors").read_bytes() == \
             (reference / member / "sae_weights.safetensors").read_bytes()
+
+
+def test_overwrite_keeps_its_own_lock_and_clears_a_killed_saving_folder(tmp_path, monkeypatch,
+                                                                          capsys):
+    import train_sae.outputs as outputs
+
+    store, out = write_store(tmp_path / "s"), tmp_path / "o"
+    assert cli(monkeypatch, capsys, *train_args(store, out, "--tokens", 128))[0] == 0
+    member = next(p.name for p in out.iterdir() if p.is_dir())
+    leftover = out / f".{member}.k3x9q"  # what a kill -9 inside crosscoder saving leaves
+    leftover.mkdir()
+    (leftover / "crosscoder_weights.safetensors").write_bytes(b"partial")
+    seen = []
+    real_remove = outputs.remove_sweep
+
+    def remove_and_look(folder, doc):
+        real_remove(folder, doc)
+        seen.append((folder / ".lock").exists())
+
+    monkeypatch.setattr(outputs, "remove_sweep", remove_and_look)
+    code, _, err = cli(monkeypatch, capsys, *train_args(store, out, "--tokens", 128),
+                       "--overwrite")
+    assert code == 0, err
+    assert seen == [True]  # the lock of the overwriting run stayed in place while it wrote
+    assert not leftover.exists() and not (out / ".lock").exists()

@@ -190,7 +190,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 # Names a sweep writes: in the sweep folder, and in each member's folder (with their `.tmp`
 # siblings from atomic writes). --overwrite removes these and nothing else.
-SWEEP_FILES = frozenset({SWEEP_JSON, CHECKPOINT_NAME, LOCK_FILE, *REPORT_FILES, "wandb"})
+SWEEP_FILES = frozenset({SWEEP_JSON, CHECKPOINT_NAME, *REPORT_FILES, "wandb"})
 MEMBER_FILES = frozenset({METRICS_JSON, METRICS_JSONL, CFG_FILENAME, WEIGHTS_FILENAME,
                           SPARSITY_FILENAME, CROSSCODER_WEIGHTS, RELATIVE_NORMS_FILE,
                           RELATIVE_NORMS_PLOT})
@@ -203,7 +203,9 @@ def remove_sweep(out: Path, doc: dict[str, Any]) -> None:
     ours, foreign = [], []
     for p in out.iterdir():
         name = p.name.removesuffix(".tmp")
-        if name in SWEEP_FILES:
+        if name == LOCK_FILE:
+            continue  # held by this run: removing it would let a second writer in
+        if name in SWEEP_FILES or _saving_folder_of(name, members):
             ours.append(p)
         elif name in members and p.is_dir():
             inside = [q for q in p.iterdir() if q.name.removesuffix(".tmp") not in MEMBER_FILES]
@@ -216,12 +218,18 @@ def remove_sweep(out: Path, doc: dict[str, Any]) -> None:
         fail(f"refusing to overwrite the sweep in {out}: it holds files train-sae did not write "
              f"({names}); move them away or choose another --out")
     for p in ours:  # files before their folders
-        if p.is_dir() and p.name == "wandb":
+        if p.is_dir() and (p.name == "wandb" or _saving_folder_of(p.name, members)):
             shutil.rmtree(p)
         elif p.is_dir():
             p.rmdir()
         else:
             p.unlink()
+
+
+def _saving_folder_of(name: str, members: set[Any]) -> bool:
+    """A crosscoder's saving folder left by a killed run: `.<member>.<random>` (crosscoder
+    saving writes there and renames it into place)."""
+    return name.startswith(".") and any(name.startswith(f".{m}.") for m in members)
 
 
 def _entries(out: Path) -> set[str]:
