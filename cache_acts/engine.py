@@ -9,6 +9,7 @@ run. The manifest says `complete: true` only after every chunk is written.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import shutil
 import sys
@@ -154,7 +155,8 @@ def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = Fa
             return _run_locked(job, source, resume, overwrite)
     finally:
         if created and job.out.is_dir() and not any(job.out.iterdir()):
-            job.out.rmdir()  # a run that failed before writing anything leaves no folder
+            with contextlib.suppress(OSError):  # (unless another run just took it over)
+                job.out.rmdir()  # a run that failed before writing anything leaves no folder
 
 
 def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool) -> Manifest:

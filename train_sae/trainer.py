@@ -18,6 +18,7 @@ by input_scale**2 for raw units).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -131,7 +132,8 @@ def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig]) -> list
             return _train_locked(cfg, plan, members_cfg, out)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # refused before writing anything: leave no folder behind
+            with contextlib.suppress(OSError):  # (unless another run just took it over)
+                out.rmdir()  # refused before writing anything: leave no folder behind
 
 
 def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig], out: Path
