@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cache_acts.state import RunState, tmp_dir
-from shared.errors import fail
+from shared.errors import fail, first_line
 from shared.fingerprint import short
 from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, open_store
 
@@ -123,16 +123,12 @@ def verify(path: Path, progress: bool = True) -> str:
                     if checksum(block) != expected:
                         bad.append(f"{p} chunk {c} does not match its checksum")
                 except (ValueError, RuntimeError, OSError) as e:  # truncated, extended, undecodable
-                    bad.append(f"{p} chunk {c} cannot be read ({_first_line(e)})")
+                    bad.append(f"{p} chunk {c} cannot be read ({first_line(e)})")
                 bar.update(1)
     if bad:
         fail(f"store {path} is damaged: {len(bad)} of {total} chunks are bad (first: {bad[0]}); "
              "recreate it with --overwrite")
     return f"ok: {path} ({m.n_rows:,} rows, {total} chunks verified)"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_array(store: Store, p: str, problems: list[str]) -> None:

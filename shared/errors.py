@@ -27,6 +27,13 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): library
+    errors quoted inside one-line messages."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def check_seed(seed: int) -> None:
     """Seeds feed numpy's and torch's generators, which take 0 .. 2**63 - 1."""
     if not 0 <= seed < 2**63:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from shared.errors import fail
+from shared.errors import fail, first_line
 from shared.fingerprint import digest_of, file_digest, files_fingerprint, folder_files
 
 DTYPES: dict[str, torch.dtype] = {
@@ -238,7 +238,7 @@ def _load_hf_folder(folder: Path) -> HookedTransformer:
         with _quietly():
             hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
-        fail(f"cannot load the Hugging Face checkpoint in {folder}: {_first_line(e)}")
+        fail(f"cannot load the Hugging Face checkpoint in {folder}: {first_line(e)}")
     tokenizer = _load_tokenizer(str(folder))
     return _convert_hf_model(hf_model, tokenizer)
 
@@ -256,7 +256,7 @@ def _load_gguf(path: Path) -> HookedTransformer:
                 str(path.parent), gguf_file=path.name, dtype=torch.float32
             )
     except (OSError, ValueError, KeyError) as e:
-        fail(f"cannot load the GGUF model {path}: {_first_line(e)}")
+        fail(f"cannot load the GGUF model {path}: {first_line(e)}")
     tokenizer = _load_tokenizer(str(path.parent), gguf_file=path.name)
     return _convert_hf_model(hf_model, tokenizer)
 
@@ -304,7 +304,7 @@ def _convert_hf_model(hf_model: Any, tokenizer: Any) -> HookedTransformer:
         except NotImplementedError:
             fail(f"architecture {arch} is not supported by transformer_lens; use a supported model")
         except (ValueError, AttributeError, KeyError) as e:
-            fail(f"transformer_lens cannot convert this {arch} checkpoint: {_first_line(e)}")
+            fail(f"transformer_lens cannot convert this {arch} checkpoint: {first_line(e)}")
     cfg.tokenizer_name = None  # the tokenizer (if any) is passed in; never fetch one by name
     with _quietly():
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -334,14 +334,9 @@ def _load_hub(official: str) -> HookedTransformer:
             return HookedTransformer.from_pretrained(official, device="cpu", **_PROCESSING)
     except OSError as e:
         fail(
-            f"cannot download {official} from the Hugging Face hub ({_first_line(e)}); check the "
+            f"cannot download {official} from the Hugging Face hub ({first_line(e)}); check the "
             "network / HF_TOKEN, or pass a local checkpoint folder"
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shared.errors import fail
+from shared.errors import fail, first_line
 
 TEXT_SUFFIXES = (".txt", ".md")
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -402,9 +402,8 @@ def _hub_values(spec: TokenSpec, column: str) -> Iterator[Any]:
     try:
         stream = datasets.load_dataset(spec.dataset, split=spec.split, streaming=True)
     except (OSError, ValueError, ConnectionError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(
-            f"cannot open hub dataset {spec.dataset!r} (split {spec.split!r}): {text}; "
+            f"cannot open hub dataset {spec.dataset!r} (split {spec.split!r}): {first_line(e)}; "
             "check the name, the split and the network, or pass a local file"
         )
     columns = list(stream.features) if stream.features is not None else None

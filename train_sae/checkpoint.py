@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from shared.atomic import atomic_write, temporary_sibling, write_torch
-from shared.errors import fail
+from shared.errors import fail, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # what every checkpoint written since stores were fingerprinted holds
@@ -35,18 +35,13 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to remove
-        fail(f"checkpoint {path} cannot be read ({_first_line(e)}); restore it, or start again "
+        fail(f"checkpoint {path} cannot be read ({first_line(e)}); restore it, or start again "
              "with --overwrite")
     if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
         fail(f"{path} is not a train-sae sweep checkpoint (it lacks "
              f"{', '.join(sorted(REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS))}); "
              "restore the sweep's own checkpoint, or start again with --overwrite")
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def remove_checkpoint(folder: Path) -> None:

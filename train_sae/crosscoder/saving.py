@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from shared.atomic import write_safetensors
-from shared.errors import fail
+from shared.errors import fail, first_line
 from train_sae.crosscoder.model import CROSSCODER_REGISTRY, Crosscoder, build_crosscoder
 from train_sae.saving import CFG_FILENAME as CFG_FILE  # the same names as an SAE's folder
 from train_sae.saving import SPARSITY_FILENAME as SPARSITY_FILE
@@ -160,5 +160,5 @@ def load_crosscoder(folder: str | Path, device: str = "cpu") -> tuple[Crosscoder
         cc.load_state_dict(state, strict=True)
     except (FileNotFoundError, SafetensorError, KeyError, RuntimeError) as e:
         fail(f"cannot read the weights in {folder / WEIGHTS_FILE} ({type(e).__name__}: "
-             f"{str(e).splitlines()[0]}); the folder is damaged, re-save it")
+             f"{first_line(e)}); the folder is damaged, re-save it")
     return cc.to(device), cfg
