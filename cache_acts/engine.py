@@ -9,7 +9,6 @@ run. The manifest says `complete: true` only after every chunk is written.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import shutil
 import sys
@@ -149,14 +148,8 @@ def _acts_are_ours(out: Path, hooks: list[Any]) -> bool:
 
 def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = False) -> Manifest:
     """Cache the source into job.out, holding the folder's lock; returns the final manifest."""
-    created = not job.out.exists()
-    try:
-        with exclusive(job.out, "cache-acts"):
-            return _run_locked(job, source, resume, overwrite)
-    finally:
-        if created and job.out.is_dir() and not any(job.out.iterdir()):
-            with contextlib.suppress(OSError):  # (unless another run just took it over)
-                job.out.rmdir()  # a run that failed before writing anything leaves no folder
+    with exclusive(job.out, "cache-acts"):  # a run failing before it writes leaves no folder
+        return _run_locked(job, source, resume, overwrite)
 
 
 def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool) -> Manifest:

@@ -33,16 +33,23 @@ LOCK_FILE = ".lock"
 @contextlib.contextmanager
 def exclusive(folder: Path, command: str) -> Iterator[None]:
     """Hold the folder's lock (creating the folder) for the duration of the block, or fail with
-    one line naming the current holder."""
+    one line naming the current holder. A folder created here and left empty (a run refused
+    before writing anything) is removed again."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = _acquire(path, command)
     try:
-        yield
+        fd = _acquire(path, command)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # still ours: nobody can lock it while we hold it
+            os.close(fd)  # releases the flock
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()  # still ours: nobody can lock it while we hold it
-        os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):  # not empty, or another run just took it over
+                folder.rmdir()
 
 
 def _acquire(path: Path, command: str) -> int:

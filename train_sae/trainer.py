@@ -18,7 +18,6 @@ by input_scale**2 for raw units).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -126,14 +125,8 @@ def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig]) -> list
     """Train every member on the same batches in one pass; write run folders and sweep.json.
     One writer at a time: the sweep folder is locked while it is written (shared/lock.py)."""
     out = Path(cfg.out)
-    created = not out.exists()
-    try:
-        with exclusive(out, "train-sae"):
-            return _train_locked(cfg, plan, members_cfg, out)
-    finally:
-        if created and out.is_dir() and not any(out.iterdir()):
-            with contextlib.suppress(OSError):  # (unless another run just took it over)
-                out.rmdir()  # refused before writing anything: leave no folder behind
+    with exclusive(out, "train-sae"):  # refused before writing anything: no folder left behind
+        return _train_locked(cfg, plan, members_cfg, out)
 
 
 def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig], out: Path
