@@ -203,15 +203,8 @@ def _change(key: str, old: Any, new: Any) -> str:
     if key.endswith("fingerprint"):
         what = key.removesuffix("_fingerprint").replace("_", " ")
         return (f"the {what} changed content since the run started (fingerprint "
-                f"{_short_all(old)} -> {_short_all(new)})")
+                f"{short(old)} -> {short(new)})")
     return f"{key} (was {old!r}, now {new!r})"
-
-
-def _short_all(fp: Any) -> str:
-    """A fingerprint, or those of several models by tag, in short."""
-    if isinstance(fp, dict) and "digest" not in fp:
-        return ", ".join(f"{tag} {short(f)}" for tag, f in fp.items())
-    return short(fp)
 
 
 def _nonfinite_message(job: Job, hook: str, bad: int, size: int, start: int, n: int) -> str:

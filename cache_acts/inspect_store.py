@@ -75,9 +75,7 @@ def _fingerprint_lines(fingerprints: dict) -> list[str]:
     """What the store was cached from, by content (shared.fingerprint), when it says."""
     if not fingerprints:
         return ["content      not recorded (a store written before fingerprints)"]
-    model = fingerprints.get("model")
-    models = ({"": model} if model is None or "digest" in model else model)
-    parts = [f"model{' ' + tag if tag else ''} {short(fp)}" for tag, fp in models.items()]
+    parts = [f"model {short(fingerprints.get('model'))}"]
     dataset = fingerprints.get("dataset") or {}
     files = f", {dataset['files']} file(s), {_fmt_bytes(dataset['bytes'])}" if "files" in dataset \
         else ""

@@ -76,4 +76,8 @@ def digests(value: Any) -> Any:
 
 
 def short(fp: dict[str, Any] | None) -> str:
+    """A fingerprint's digest in short, for messages; several models' by tag ("base 1a2b..,
+    chat 3c4d..")."""
+    if isinstance(fp, dict) and fp and "digest" not in fp:
+        return ", ".join(f"{tag} {short(f)}" for tag, f in fp.items())
     return "unknown" if not fp or not fp.get("digest") else str(fp["digest"])[:SHORT]
