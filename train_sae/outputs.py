@@ -177,6 +177,11 @@ def read_sweep(folder: Path) -> dict[str, Any]:
     return read_json(folder / SWEEP_JSON, "sweep description")
 
 
+def member_names(doc: dict[str, Any]) -> list[str]:
+    """The members a sweep description lists, by name (older ones list bare names)."""
+    return [m if isinstance(m, str) else str(m.get("name")) for m in doc.get("members", [])]
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object this project wrote, or one line naming the damaged file."""
     try:
@@ -199,7 +204,7 @@ MEMBER_FILES = frozenset({METRICS_JSON, METRICS_JSONL, CFG_FILENAME, WEIGHTS_FIL
 def remove_sweep(out: Path, doc: dict[str, Any]) -> None:
     """Delete the sweep described by `doc` for --overwrite: its own files only. Anything else
     in the folder (or a member folder) is named in a refusal, before anything is deleted."""
-    members = {m.get("name") for m in doc.get("members", []) if isinstance(m, dict)}
+    members = set(member_names(doc))
     ours, foreign = [], []
     for p in out.iterdir():
         name = p.name.removesuffix(".tmp")

@@ -38,6 +38,7 @@ from train_sae.outputs import (  # noqa: E402
     PARETO_PNG,
     REPORT_MD,
     SWEEP_JSON,
+    member_names,
     read_json,
     read_sweep,
 )
@@ -104,10 +105,6 @@ def member_folders(sweep: Path) -> list[Path]:
         fail(f"no run folders with {METRICS_JSON} under {sweep}; train with `train-sae sweep --out "
              f"{sweep}` first")
     return [sweep / n for n in ordered]
-
-
-def member_names(doc: dict) -> list[str]:
-    return [m if isinstance(m, str) else str(m.get("name")) for m in doc.get("members", [])]
 
 
 def unfinished_message(sweep: Path, names: list[str]) -> str:
