@@ -15,7 +15,7 @@ from cache_acts.run import RunConfig, run_cache
 from shared.errors import UserError, run_cli
 from shared.models import load_model
 from shared.store import open_store
-from shared.tokens import TokenSpec, iter_token_batches
+from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
 from train_sae.cli import app as train_app
 from train_sae.eval_sweep import EvalOptions, evaluate_path, held_out_start, training_data
 from train_sae.saving import load_sae
@@ -187,16 +187,16 @@ def test_held_out_start_moves_past_cached_tokens(sweep):
     trained = training_data({}, store)
     n_cached = int(store.array("seq_index")[:].max()) + 1
     same = TokenSpec(**store.manifest.dataset)
-    assert held_out_start(same, trained)[0] == n_cached
+    assert held_out_start(same, source_fingerprint(same), trained)[0] == n_cached
     # twice the context: half as many sequences cover the cached tokens (rounded up)
     longer = TokenSpec(**{**store.manifest.dataset, "context_size": 2 * CTX})
-    assert held_out_start(longer, trained)[0] == -(-n_cached // 2)
+    assert held_out_start(longer, source_fingerprint(longer), trained)[0] == -(-n_cached // 2)
     # BOS takes one slot: (CTX - 1) new tokens per sequence
     bos = TokenSpec(**{**store.manifest.dataset, "prepend_bos": True})
-    assert held_out_start(bos, trained)[0] == -(-n_cached * CTX // (CTX - 1))
+    assert held_out_start(bos, source_fingerprint(bos), trained)[0] == -(-n_cached * CTX // (CTX - 1))
     # a local file has no splits: --split test is the same data, still held out
     other_split = TokenSpec(**{**store.manifest.dataset, "split": "test"})
-    assert held_out_start(other_split, trained)[0] == n_cached
+    assert held_out_start(other_split, source_fingerprint(other_split), trained)[0] == n_cached
 
 
 def test_eval_skips_crosscoders_with_a_note(sweep, capsys):

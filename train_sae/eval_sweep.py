@@ -189,21 +189,20 @@ def training_data(doc: dict[str, Any], store: Store | None) -> TrainingData:
     return TrainingData(None, fp, imported=bool(fp and fp.get("kind") == "activation files"))
 
 
-def held_out_start(spec: TokenSpec, trained: TrainingData) -> tuple[int, str]:
-    """First sequence of `spec`'s stream not cached in the training store, and a sentence saying
-    why. The streams are compared by content; where that cannot tell, this refuses."""
-    where = f"{spec.dataset or 'the embedded Shakespeare text'}"
+def held_out_start(spec: TokenSpec, fp: dict[str, Any], trained: TrainingData
+                   ) -> tuple[int, str]:
+    """First sequence of `spec`'s stream (whose fingerprint is `fp`) not cached in the training
+    store, and a sentence saying why. The streams are compared by content; where that cannot
+    tell, this refuses."""
+    where = spec.dataset or "the embedded Shakespeare text"
     if trained.imported:
         return 0, (f"sequences from the start of {where}; the store was imported from activation "
                    "files, so whether its rows came from these tokens cannot be told")
-    if trained.fingerprint is None:  # a store written before fingerprints
-        same = _same_named_source(trained.store, spec)
-    else:
-        fp = source_fingerprint(spec)
-        same = _same_stream(trained.fingerprint, fp, where)
-        if not same:
-            return 0, (f"sequences from the start of {where}, other data than the store was "
-                       f"cached from (content {short(fp)}, the store's {short(trained.fingerprint)})")
+    if trained.fingerprint is None:  # a store written before fingerprints: refuses unless same
+        _check_same_named_source(trained.store, spec)
+    elif not _same_stream(trained.fingerprint, fp, where):
+        return 0, (f"sequences from the start of {where}, other data than the store was "
+                   f"cached from (content {short(fp)}, the store's {short(trained.fingerprint)})")
     if trained.store is None:
         fail(f"{where} is the data the sweep's store was cached from, and that store is not "
              "where sweep.json says (moved or deleted), so which sequences it holds is unknown; "
@@ -245,9 +244,9 @@ def _same_stream(cached: dict[str, Any], fp: dict[str, Any], where: str) -> bool
     return False
 
 
-def _same_named_source(store: Store | None, spec: TokenSpec) -> bool:
-    """For a store without fingerprints: the same source only when it names the same local
-    path (resolved) or hub dataset and split, with the same columns; otherwise refuse."""
+def _check_same_named_source(store: Store | None, spec: TokenSpec) -> None:
+    """For a store without fingerprints: go on only when `spec` names the same local path
+    (resolved) or hub dataset and split, with the same columns; otherwise refuse."""
     if store is None:
         fail("the sweep records neither its store (not found) nor its data's fingerprint; "
              "pass --store with the store's path")
@@ -260,11 +259,10 @@ def _same_named_source(store: Store | None, spec: TokenSpec) -> bool:
         return (where, None if local else d.get("split"), d.get("text_column"),
                 d.get("token_column"))
 
-    if identity(cached) == identity(spec.to_dict()):
-        return True
-    fail(f"store {store.path} was written before stores recorded their data's content, so "
-         f"whether {spec.dataset or 'the embedded text'} holds its training tokens cannot be "
-         "told; evaluate on the store's own dataset (the default), or recache the store")
+    if identity(cached) != identity(spec.to_dict()):
+        fail(f"store {store.path} was written before stores recorded their data's content, so "
+             f"whether {spec.dataset or 'the embedded text'} holds its training tokens cannot be "
+             "told; evaluate on the store's own dataset (the default), or recache the store")
 
 
 def last_cached_sequence(store: Store) -> int:
@@ -357,7 +355,8 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
     loaded = resolve_model(opts, manifest)
     model_check = check_members(members, loaded, doc)
     check_context_size(loaded.model, spec.context_size)
-    start, source = held_out_start(spec, training_data(doc, store))
+    fingerprint = source_fingerprint(spec)
+    start, source = held_out_start(spec, fingerprint, training_data(doc, store))
     batches = token_batches(spec, loaded.tokenizer, loaded.model.cfg.d_vocab, opts, start)
     hooks = sorted({m.target.hook for m in members})
     means = ablation_means(loaded.model, hooks, store, opts, batches)
@@ -370,7 +369,7 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
     n_seq = sum(t.shape[0] for t, _ in batches)
     context = {
         "model": loaded.spec, "model_check": model_check, "dataset": spec.to_dict(),
-        "dataset_fingerprint": source_fingerprint(spec), "start_sequence": start,
+        "dataset_fingerprint": fingerprint, "start_sequence": start,
         "n_sequences": n_seq, "tokens_source": f"{source} ({n_seq} sequences)",
         "mean_source": ("mean over the evaluated tokens" if opts.mean_source == "eval"
                         else "the store's mean activation"),
