@@ -37,9 +37,9 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to remove
         fail(f"checkpoint {path} cannot be read ({first_line(e)}); restore it, or start again "
              "with --overwrite")
-    if not isinstance(state, dict) or not REQUIRED_KEYS <= set(state):
-        fail(f"{path} is not a train-sae sweep checkpoint (it lacks "
-             f"{', '.join(sorted(REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS))}); "
+    missing = REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS
+    if missing:
+        fail(f"{path} is not a train-sae sweep checkpoint (it lacks {', '.join(sorted(missing))}); "
              "restore the sweep's own checkpoint, or start again with --overwrite")
     return state
 
