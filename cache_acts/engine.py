@@ -125,8 +125,12 @@ def remove_store(out: Path) -> None:
     elif "zarr.json" in entries:
         fail(f"refusing to overwrite {out}: it is a Zarr store that cache-acts did not write "
              "(no manifest); choose another --out")
-    hooks = manifest.get("hooks") or (state.settings.get("hooks") or [state.settings.get("hook")]
-                                      if state is not None else [])
+    if manifest:
+        hooks = manifest.get("hooks", [])
+    elif state is not None:  # `run` settings list their hooks, `import` settings name one
+        hooks = state.settings.get("hooks") or [state.settings.get("hook")]
+    else:
+        hooks = []
     foreign = entries - ours
     if foreign or not _acts_are_ours(out, hooks):
         names = sorted(foreign) or [ACTS_GROUP + "/ (arrays not in the manifest)"]
