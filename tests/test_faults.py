@@ -314,6 +314,7 @@ CACHE_POINTS = [  # (command, KiB left free or "manifest", where the failure mus
 @pytest.mark.parametrize(("command", "free", "where", "moved"), CACHE_POINTS)
 def test_disk_full_in_cache_acts(inputs, refs, small_disk, tmp_path, monkeypatch, capsys,
                                  command, free, where, moved):
+    ref = refs(command)  # built first: filling the disk below must not hit the reference run
     if free == "manifest":  # the final manifest, the step that makes the store complete
         hits = fill_before(monkeypatch, small_disk, "cache_acts.engine.write_manifest",
                            lambda group, m: m.complete)
@@ -321,7 +322,7 @@ def test_disk_full_in_cache_acts(inputs, refs, small_disk, tmp_path, monkeypatch
         small_disk.leave_free(free * 1024)
     build = REF_ARGS[command][1]
     state = disk_full_then_resume(monkeypatch, capsys, lambda out: build(inputs, out),
-                                  small_disk, refs(command), tmp_path, moved)
+                                  small_disk, ref, tmp_path, moved)
     assert state is not None
     n_chunks = 25
     if where == "pass 1":
