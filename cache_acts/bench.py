@@ -48,10 +48,10 @@ def _bare(loaded, spec: TokenSpec, batch_size: int, n_tokens: int) -> float:
 
 def _read(path: Path, repeats: int) -> tuple[float, float, int]:
     """Best-of-`repeats` (seconds via the Zarr store chunk by chunk, seconds via numpy.fromfile
-    of its chunk files, bytes), the two readers interleaved on a warm page cache."""
+    of its stored objects, bytes), the two readers interleaved on a warm page cache."""
     store = open_store(path)
     m = store.manifest
-    files = [store.chunk_file(f"acts/{HOOK}", c) for c in range(m.n_chunks)]
+    files = [store.object_file(f"acts/{HOOK}", i) for i in range(m.n_objects)]
     nbytes = sum(f.stat().st_size for f in files)
     t_zarr, t_np = [], []
     for _ in range(repeats + 1):  # the first round warms the page cache and is not counted

@@ -23,6 +23,9 @@ Dtype = Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bflo
 Compression = Annotated[str, typer.Option(
     help="none (chunk files can be memory-mapped), zstd or zstd:LEVEL (1-22).")]
 ChunkRows = Annotated[int, typer.Option(help="Rows per chunk of every array.")]
+ShardRows = Annotated[str | None, typer.Option(
+    help="Rows per shard object (Zarr v3 sharding), a multiple of --chunk-rows (e.g. 256k). "
+         "Default: about 128 MiB of the widest hook per shard.")]
 ShuffleMemory = Annotated[str, typer.Option(
     help="Memory for the shuffle: one bucket is at most about half of it (e.g. 512MiB, 4GiB).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing store at --out.")]
@@ -46,6 +49,12 @@ def check_compression(text: str) -> str | None:
     if not m or (m.group(1) and not 1 <= int(m.group(1)) <= 22):
         fail(f"unknown --compression {text!r}; choose none, zstd or zstd:LEVEL with LEVEL 1-22")
     return text
+
+
+def _count_or_none(text: str | None) -> int | None:
+    from cache_acts.units import parse_count
+
+    return None if text is None else parse_count(text)
 
 
 def _modes(resume: bool, overwrite: bool) -> None:
@@ -88,6 +97,7 @@ def run(
     device: Annotated[str | None, typer.Option(
         help="cpu, cuda or cuda:N. Default: cuda when available.")] = None,
     chunk_rows: ChunkRows = 4096,
+    shard_rows: ShardRows = None,
     shuffle_memory: ShuffleMemory = "512MiB",
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -113,7 +123,8 @@ def run(
         batch_size=batch_size, dtype=dtype, model_dtype=model_dtype,
         compression=check_compression(compression), seed=seed,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        chunk_rows=chunk_rows, shuffle_memory=parse_size(shuffle_memory),
+        chunk_rows=chunk_rows, shard_rows=_count_or_none(shard_rows),
+        shuffle_memory=parse_size(shuffle_memory),
     )
     t0 = time.perf_counter()
     m = run_cache(cfg, resume=resume, overwrite=overwrite)
@@ -135,6 +146,7 @@ def import_command(
     compression: Compression = "none",
     seed: Seed = 0,
     chunk_rows: ChunkRows = 4096,
+    shard_rows: ShardRows = None,
     shuffle_memory: ShuffleMemory = "512MiB",
     resume: Resume = False,
     overwrite: Overwrite = False,
@@ -150,7 +162,8 @@ def import_command(
     cfg = ImportConfig(
         files=files, hook=hook, out=local_out(out), key=key, dtype=dtype,
         compression=check_compression(compression), seed=seed, chunk_rows=chunk_rows,
-        shuffle_memory=parse_size(shuffle_memory), model=model,
+        shard_rows=_count_or_none(shard_rows), shuffle_memory=parse_size(shuffle_memory),
+        model=model,
     )
     m = import_files(cfg, resume=resume, overwrite=overwrite)
     typer.echo(f"imported {m.n_rows:,} rows from {len(files)} file(s)")

@@ -1,10 +1,11 @@
 """The two-pass, resumable caching engine shared by `cache-acts run` and `cache-acts import`.
 
 A source yields `RowBatch`es from a cursor; the engine scatters them to bucket files on a
-writer thread (pass 1), then writes the shuffled rows as whole chunks (pass 2), committing its
-`RunState` after every flush and every chunk. Killed at any moment and rerun with resume, it
-truncates the bucket files to the last commit and produces the same bytes as an uninterrupted
-run. The manifest says `complete: true` only after every chunk is written.
+writer thread (pass 1), then writes the shuffled rows as whole chunks into shard objects (pass 2),
+committing its `RunState` after every flush and every sealed shard. Killed at any moment and
+rerun with resume, it truncates the bucket files to the last commit, rewrites any unsealed shard
+and produces the same bytes as an uninterrupted run. The manifest says `complete: true` only
+after every shard is written.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from cache_acts.shuffle import (
 )
 from cache_acts.state import GATHER, SCATTER, TMP_DIR, RunState, tmp_dir
 from cache_acts.writer import (
-    ChunkSink,
     ChunkWriterPool,
-    RawChunks,
+    RawShards,
+    ShardSink,
     StatsSums,
-    ZarrChunks,
-    raw_chunks_or_none,
+    ZarrShards,
+    raw_shards_or_none,
     write_chunk,
 )
 from shared.errors import fail
@@ -309,15 +310,17 @@ def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles) -> N
     state.save(files.folder)
 
 
-def _chunk_sink(group: zarr.Group, out: Path, m: Manifest, scratch: Path) -> ChunkSink:
-    """Raw chunk files for uncompressed local stores (same bytes, no zarr overhead), else zarr."""
-    raw = raw_chunks_or_none(group, out, m.array_paths(), m.chunk_rows, scratch)
-    return raw if raw is not None else ZarrChunks(group, m.chunk_rows)
+def _shard_sink(group: zarr.Group, out: Path, m: Manifest, scratch: Path) -> ShardSink:
+    """Raw shard files for uncompressed local stores (same bytes, no zarr overhead), else zarr."""
+    raw = raw_shards_or_none(group, out, m, scratch)
+    return raw if raw is not None else ZarrShards(group, m.chunk_rows, m.shard_rows, m.n_rows)
 
 
 def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
-    """Pass 2: write the shuffled rows as whole chunks, then the final manifest."""
+    """Pass 2: write the shuffled rows as whole chunks gathered into shards, committing after
+    each shard, then the final manifest."""
     m = job.manifest
+    assert m.shard_rows is not None, "stores are written sharded (format 2)"
     m.n_rows = state.rows_done
     m.complete = False
     group = zarr.open_group(str(job.out), mode="a", zarr_format=3)
@@ -328,30 +331,34 @@ def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
     assert sum(bucket_rows) == m.n_rows
     bar = tqdm(total=m.n_chunks, initial=state.chunks_done, unit="chunk", file=sys.stderr,
                desc="pass 2/2 shuffle+write", disable=None, dynamic_ncols=True)
-    sink = _chunk_sink(group, job.out, m, files.folder)
+    sink = _shard_sink(group, job.out, m, files.folder)
+    per_shard = m.chunks_per_shard
 
     last_chunk = last_chunk_of_buckets(bucket_rows, m.chunk_rows)
     files.check(state.bucket_bytes, needed=[last >= state.chunks_done for last in last_chunk])
 
-    def commit(index: int, sums: dict[str, int]) -> None:  # chunks 0..index are on disk
+    def commit(index: int, sums: dict[str, int]) -> None:  # chunks 0..index are put
         for path, crc in sums.items():
             recorded = state.checksums.setdefault(path, [])
             del recorded[index:]
             recorded.append(crc)
-        state.chunks_done = index + 1
-        state.save(files.folder)
-        # A bucket whose rows are all in committed chunks is never read again, even on resume:
-        # deleting it at once bounds the temporary disk space and gives its page-cache pages
-        # back for the chunks still to write (far cheaper than fresh ones on a VM).
-        for b, last in enumerate(last_chunk):
-            if last == index:
-                files.remove(b)
         bar.update(1)
+        if (index + 1) % per_shard and index + 1 < m.n_chunks:
+            return  # its shard is not whole yet: nothing is durable until it is sealed
+        sink.seal(index // per_shard)
+        before, state.chunks_done = state.chunks_done, index + 1
+        state.save(files.folder)
+        # A bucket whose rows are all in committed shards is never read again, even on resume:
+        # deleting it at once bounds the temporary disk space and gives its page-cache pages
+        # back for the shards still to write (far cheaper than fresh ones on a VM).
+        for b, last in enumerate(last_chunk):
+            if before <= last <= index:
+                files.remove(b)
 
-    # two writers for raw chunk files (page-cache copies scale with cores, and the model is
+    # two writers for raw shard files (page-cache copies scale with cores, and the model is
     # idle in pass 2); one through the zarr API, whose codecs have their own threads
     writer = ChunkWriterPool(lambda index, records: write_chunk(sink, index, records), commit,
-                             workers=2 if isinstance(sink, RawChunks) else 1)
+                             workers=2 if isinstance(sink, RawShards) else 1)
     try:
         for index, records in iter_chunks(files, bucket_rows, m.seed, m.chunk_rows,
                                           start_chunk=state.chunks_done):
@@ -360,7 +367,7 @@ def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
         writer.finish()
     bar.close()
     m.stats = {h: StatsSums.from_dict(state.stats[h]).result() for h in m.hooks}
-    m.checksums = {p: state.checksums[p] for p in m.array_paths()}
+    m.checksums = {p: state.checksums[p][:m.n_chunks] for p in m.array_paths()}
     m.complete = True
     write_manifest(group, m)  # the last step: from here on the store reads as complete
     shutil.rmtree(files.folder, ignore_errors=True)

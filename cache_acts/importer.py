@@ -20,7 +20,7 @@ from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.errors import check_seed, fail
 from shared.fingerprint import files_fingerprint
-from shared.store import Manifest, check_dtype, to_storage
+from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
 
 READ_BYTES = 32 * MiB  # rows read per step
 
@@ -35,6 +35,7 @@ class ImportConfig:
     compression: str | None = None
     seed: int = 0
     chunk_rows: int = 4096
+    shard_rows: int | None = None  # None: shared.store.default_shard_rows
     shuffle_memory: int = 512 * MiB
     model: str = "imported"  # recorded in the manifest: the model the activations came from
 
@@ -134,15 +135,17 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
     # no model to fingerprint: the activations are all there is
     fingerprints = {"model": None, "dataset": files_fingerprint(
         [s.path for s in sources], "activation files", key=cfg.key)}
+    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, {cfg.hook: d_in}, cfg.dtype)
     manifest = Manifest(
         model=cfg.model, hooks=[cfg.hook], d_in={cfg.hook: d_in}, dtype=cfg.dtype, n_rows=0,
-        context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, compression=cfg.compression,
+        context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, shard_rows=shard_rows,
+        compression=cfg.compression,
         source_files=[str(s.path.resolve()) for s in sources], fingerprints=fingerprints,
     )
     # the files are known by their content (in order), so moved copies resume
     settings = {"dataset_fingerprint": fingerprints["dataset"], "key": cfg.key, "hook": cfg.hook,
                 "dtype": cfg.dtype, "compression": cfg.compression, "seed": cfg.seed,
-                "chunk_rows": cfg.chunk_rows}
+                "chunk_rows": cfg.chunk_rows, "shard_rows": shard_rows}
     job = Job(out=cfg.out, manifest=manifest, settings=settings, row_bound=n_rows,
               max_rows=n_rows, shuffle_memory=cfg.shuffle_memory,
               nonfinite_hint="the input files hold them; remove or fix those rows and import "

@@ -19,7 +19,7 @@ from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.errors import check_seed, fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
-from shared.store import Manifest, check_dtype, to_storage
+from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
 from shared.tokens import (
     TokenSpec,
     count_sequences,
@@ -48,6 +48,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     chunk_rows: int = 4096
+    shard_rows: int | None = None  # None: shared.store.default_shard_rows
     shuffle_memory: int = 512 * MiB
 
     def __post_init__(self) -> None:
@@ -68,11 +69,13 @@ class RunConfig:
             return []
         return [self.model] if isinstance(self.model, str) else list(self.model)
 
-    def settings(self, choices: list[ModelChoice], fingerprints: dict[str, Any]) -> dict:
+    def settings(self, choices: list[ModelChoice], fingerprints: dict[str, Any], shard_rows: int
+                 ) -> dict:
         """What decides the store's bytes; a --resume must repeat these (the bucket count is
         kept from the first run, so --shuffle-memory may change). `choices`: the resolved
         models, whose tags, specs and stored hook names (in order) must all match;
-        `fingerprints`: the models' and the token source's content (`input_fingerprints`)."""
+        `fingerprints`: the models' and the token source's content (`input_fingerprints`);
+        `shard_rows`: the resolved --shard-rows."""
         return {
             "model_fingerprint": fingerprints["model"],
             "dataset_fingerprint": fingerprints["dataset"],
@@ -84,7 +87,7 @@ class RunConfig:
                         if k not in ("dataset", "split")},
             "max_tokens": self.max_tokens, "batch_size": self.batch_size, "dtype": self.dtype,
             "model_dtype": self.model_dtype, "compression": self.compression, "seed": self.seed,
-            "chunk_rows": self.chunk_rows,
+            "chunk_rows": self.chunk_rows, "shard_rows": shard_rows,
         }
 
 
@@ -150,11 +153,12 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         row_bound = count_sequences(cfg.tokens, tokenizer) * per_sequence
     single = len(choices) == 1 and choices[0].tag is None
     fingerprints = input_fingerprints(choices, models, cfg.tokens, single)
-    settings = cfg.settings(choices, fingerprints)
+    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, d_in, cfg.dtype)
+    settings = cfg.settings(choices, fingerprints, shard_rows)
     manifest = Manifest(
         model=model_label(choices, [lm.spec for lm in models]), hooks=settings["hooks"],
         d_in=d_in, dtype=cfg.dtype, n_rows=0, context_size=ctx, seed=cfg.seed,
-        chunk_rows=cfg.chunk_rows, prepend_bos=cfg.tokens.prepend_bos,
+        chunk_rows=cfg.chunk_rows, shard_rows=shard_rows, prepend_bos=cfg.tokens.prepend_bos,
         dataset=cfg.tokens.to_dict(), compression=cfg.compression, fingerprints=fingerprints,
         model_info=models[0].info if single else {
             "models": {c.tag: lm.spec for c, lm in zip(choices, models, strict=True)},

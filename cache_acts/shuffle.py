@@ -11,7 +11,8 @@ and each bucket's order is uniform, so every one of the n! orders has probabilit
 (n_1!...n_K! / n!) * 1/(n_1!...n_K!) = 1/n!.
 
 Memory: pass 2 holds one bucket plus at most three output chunks (one filling, one queued,
-one being written). K is the smallest power of two whose
+one being written), and, when it writes through the zarr API (compressed or remote stores), the
+shard being gathered (cache_acts.writer.ZarrShards). K is the smallest power of two whose
 expected bucket is at most half the budget (`choose_n_buckets`), so a bucket exceeds the budget
 only if it reaches twice its mean, which by a Chernoff bound has probability <= K*exp(-m/3)
 for m rows per bucket on average.

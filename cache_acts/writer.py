@@ -1,17 +1,19 @@
-"""Pass 2 output: whole chunks written once to the store's arrays, with a CRC32 each, and the
-per-hook statistics accumulated in float64 while rows are scattered.
+"""Pass 2 output: whole row chunks written once into the store's shards, with a CRC32 each, and
+the per-hook statistics accumulated in float64 while rows are scattered.
 
-Two chunk sinks write the same bytes: `ZarrChunks` goes through the zarr API (any codec),
-`RawChunks` writes an uncompressed local array's chunk files itself, skipping zarr's async
-machinery. With only the `bytes` codec (little endian) a Zarr v3 chunk file is the chunk's raw
-bytes in C order at its full chunk shape, the edge chunk padded with the fill value (Zarr v3 spec,
-"bytes" codec and regular chunk grid), so it is chosen only when the array metadata says exactly
-that (`raw_chunks_or_none`).
+Two shard sinks write the same bytes: `ZarrShards` goes through the zarr API (any codec, any
+store), `RawShards` writes an uncompressed local array's shard files itself, skipping zarr's
+async machinery. With only the `bytes` codec (little endian) inside the sharding codec, a shard
+is its chunks' raw bytes in C order at full chunk shape, the edge chunk padded with the fill
+value, then the index (shared/shards.py), so it is chosen only when the array metadata says
+exactly that (`raw_shards_or_none`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,11 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BytesCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.storage import LocalStore
 
-from shared.store import HookStats, checksum, count_nonfinite, from_storage
+from shared import shards
+from shared.store import HookStats, Manifest, checksum, count_nonfinite, from_storage
 
 
 class StatsSums:
@@ -66,67 +69,115 @@ class StatsSums:
                          mean_norm=self.norm_sum / self.count)
 
 
-class ChunkSink(Protocol):
-    """Writes block [<= chunk_rows, ...] (C-contiguous) as chunk `index` of array `path`."""
+class ShardSink(Protocol):
+    """Pass 2's output: `put` writes block [<= chunk_rows, ...] (C-contiguous) as row chunk
+    `chunk` of array `path` (from any writer thread, in any order); once every chunk of shard
+    `shard` was put, `seal(shard)` makes it durable and visible (on the committing thread)."""
 
-    def put(self, path: str, index: int, block: np.ndarray) -> None: ...
+    def put(self, path: str, chunk: int, block: np.ndarray) -> None: ...
 
-
-class ZarrChunks:
-    """Through the zarr API: works for every codec and store."""
-
-    def __init__(self, group: zarr.Group, chunk_rows: int):
-        self.group, self.chunk_rows = group, chunk_rows
-
-    def put(self, path: str, index: int, block: np.ndarray) -> None:
-        start = index * self.chunk_rows
-        self.group[path][start:start + len(block)] = block
+    def seal(self, shard: int) -> None: ...
 
 
-class RawChunks:
-    """Chunk files of uncompressed little-endian local arrays, written directly. Each file is
-    written under a temporary name in `scratch` (same file system) and renamed into place, so a
-    crash never leaves a torn chunk."""
+class ZarrShards:
+    """Through the zarr API, for every codec and store: the chunks of a shard are gathered in
+    memory (one shard of every array: shard_rows x the row's bytes) and written as one shard
+    object, so no shard is ever read back and rewritten (costly on object stores)."""
 
-    def __init__(self, root: Path, chunk_rows: int, scratch: Path):
+    def __init__(self, group: zarr.Group, chunk_rows: int, shard_rows: int, n_rows: int):
+        self.group, self.chunk_rows, self.shard_rows, self.n_rows = (
+            group, chunk_rows, shard_rows, n_rows)
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}  # shard -> path -> [shard rows, ...]
+        self._lock = threading.Lock()
+
+    def put(self, path: str, chunk: int, block: np.ndarray) -> None:
+        start = chunk * self.chunk_rows
+        shard, into = divmod(start, self.shard_rows)
+        with self._lock:
+            buffers = self._buffers.setdefault(shard, {})
+            if path not in buffers:
+                rows = min(self.shard_rows, self.n_rows - shard * self.shard_rows)
+                buffers[path] = np.empty((rows, *block.shape[1:]), dtype=block.dtype)
+            buf = buffers[path]
+        buf[into:into + len(block)] = block
+
+    def seal(self, shard: int) -> None:
+        start = shard * self.shard_rows
+        for path, buf in self._buffers.pop(shard).items():
+            self.group[path][start:start + len(buf)] = buf
+
+
+class RawShards:
+    """Shard objects of uncompressed little-endian local arrays, written directly (no zarr
+    overhead; the same bytes, see shared/shards.py): each chunk goes to its offset in a
+    temporary shard file in `scratch` (same file system); `seal` appends the index and renames
+    the file into place, so a crash never leaves a torn shard."""
+
+    def __init__(self, root: Path, group: zarr.Group, paths: list[str], chunk_rows: int,
+                 shard_rows: int, n_rows: int, scratch: Path):
         self.root, self.chunk_rows, self.scratch = root, chunk_rows, scratch
+        self.per_shard = shard_rows // chunk_rows
+        self.n_chunks = -(-n_rows // chunk_rows)
+        # path -> bytes of one full chunk, and whether the array is 2-d
+        self.chunk_nbytes = {p: chunk_rows * math.prod(group[p].shape[1:]) * group[p].dtype.itemsize
+                             for p in paths}
+        self.ndim = {p: len(group[p].shape) for p in paths}
 
-    def chunk_file(self, path: str, index: int, ndim: int) -> Path:
-        """The default Zarr v3 key encoding: <array>/c/<row chunk>/0/... ."""
-        return self.root / path / "c" / str(index) / Path(*["0"] * (ndim - 1))
+    def _partial(self, path: str, shard: int) -> Path:
+        return self.scratch / f"{path.replace('/', '~')}.{shard}.partial"
 
-    def put(self, path: str, index: int, block: np.ndarray) -> None:
-        target = self.chunk_file(path, index, block.ndim)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.scratch / f"{path.replace('/', '~')}.{index}.partial"  # one per writer
-        pad = (self.chunk_rows - len(block)) * (block.nbytes // max(len(block), 1))
-        with open(tmp, "wb") as f:
-            f.write(block.data)
-            if pad:  # the edge chunk at full chunk shape, zero = the arrays' fill value
-                f.write(bytes(pad))
-        os.replace(tmp, target)
+    def put(self, path: str, chunk: int, block: np.ndarray) -> None:
+        shard, inner = divmod(chunk, self.per_shard)
+        nbytes = self.chunk_nbytes[path]
+        fd = os.open(self._partial(path, shard), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, block.data, inner * nbytes)
+            if block.nbytes < nbytes:  # the edge chunk at full chunk shape, zero = fill value
+                os.pwrite(fd, bytes(nbytes - block.nbytes), inner * nbytes + block.nbytes)
+        finally:
+            os.close(fd)
+
+    def seal(self, shard: int) -> None:
+        present = min(self.per_shard, self.n_chunks - shard * self.per_shard)
+        for path, nbytes in self.chunk_nbytes.items():
+            tmp = self._partial(path, shard)
+            with open(tmp, "r+b") as f:
+                f.truncate(present * nbytes)  # a resumed shard may hold a longer, older attempt
+                f.seek(0, os.SEEK_END)
+                f.write(shards.index_bytes(self.per_shard, present, nbytes))
+            target = self.root / path / "c" / Path(str(shard), *["0"] * (self.ndim[path] - 1))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
 
 
-def raw_chunks_or_none(group: zarr.Group, root: Path, paths: list[str], chunk_rows: int,
-                       scratch: Path) -> RawChunks | None:
-    """A RawChunks for the group's arrays when all of them are local, little-endian, uncompressed,
-    default-key-encoded, chunked by `chunk_rows` rows only and filled with zeros; else None."""
+def raw_shards_or_none(group: zarr.Group, root: Path, manifest: Manifest, scratch: Path
+                       ) -> RawShards | None:
+    """A RawShards for the group's arrays when all of them are local, sharded by the manifest's
+    shard_rows into chunk_rows-row inner chunks, little-endian, uncompressed, default-key-encoded
+    and filled with zeros (the layout shared/shards.py describes); else None."""
     if not isinstance(group.store, LocalStore) or Path(group.store.root) != root.resolve():
         return None
+    paths = manifest.array_paths()
     for path in paths:
         md = group[path].metadata
-        ok = (md.zarr_format == 3
-              and tuple(md.codecs) == (BytesCodec(endian="little"),)
+        rest = tuple(md.shape[1:])
+        sharding = ShardingCodec(chunk_shape=(manifest.chunk_rows, *rest),
+                                 codecs=(BytesCodec(endian="little"),),
+                                 index_codecs=(BytesCodec(endian="little"), Crc32cCodec()),
+                                 index_location=ShardingCodecIndexLocation.end)
+        ok = (md.zarr_format == 3 and manifest.shard_rows is not None
+              and tuple(md.codecs) == (sharding,)
               and md.chunk_key_encoding == DefaultChunkKeyEncoding(separator="/")
-              and tuple(md.chunk_grid.chunk_shape) == (chunk_rows, *md.shape[1:])
+              and tuple(md.chunk_grid.chunk_shape) == (manifest.shard_rows, *rest)
               and md.fill_value == 0 and md.data_type.to_native_dtype().byteorder in "<|="
               and group[path].path == path)
         if not ok:
             return None
-    return RawChunks(root, chunk_rows, scratch)
+    return RawShards(root, group, paths, manifest.chunk_rows, manifest.shard_rows,
+                     manifest.n_rows, scratch)
 
 
-def write_chunk(sink: ChunkSink, index: int, records: np.ndarray) -> dict[str, int]:
+def write_chunk(sink: ShardSink, index: int, records: np.ndarray) -> dict[str, int]:
     """Write records [<= chunk_rows] as chunk `index` of every array (field name = array path);
     returns each array's CRC32 of the chunk."""
     sums = {}
@@ -140,7 +191,7 @@ def write_chunk(sink: ChunkSink, index: int, records: np.ndarray) -> dict[str, i
 class ChunkWriterPool:
     """Writes chunks on `workers` threads while the caller gathers the next ones, and commits
     them in index order on the calling thread (`committed(index, write's result)`), so a commit
-    always means "every chunk up to here is on disk". At most `workers` chunks are in flight; a
+    always means "every chunk up to here is written" (and the committer may seal a shard). At most `workers` chunks are in flight; a
     write's error is re-raised by the next `submit` or by `finish`."""
 
     def __init__(self, write: Callable[[int, np.ndarray], Any],

@@ -11,6 +11,12 @@ Layout (any Zarr v3 client can read it):
 
 All arrays share one row chunking, so row i of every array is the same token. Rows are one
 uniformly random permutation of the cached tokens; a contiguous block of rows is a random sample.
+
+Format 2 (this version) stores each array with the Zarr v3 sharding codec: `shard_rows` rows
+(a multiple of `chunk_rows`) per shard object at `<array>/c/<shard>[/0]`, each shard holding its
+row chunks back to back and an index (shared/shards.py). So a store has a few objects per array
+instead of one per chunk, and any Zarr v3 client reads it unchanged. Format 1 (one object per
+chunk, `shard_rows` absent) is still read. Checksums are per row chunk in both.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 import zarr
 
+from shared import shards
 from shared.errors import fail
 from shared.fingerprint import digest_of, digests
 
@@ -34,7 +41,8 @@ from shared.fingerprint import digest_of, digests
 # every writer of a store imports it.)
 zarr.config.set({"array.write_empty_chunks": True})
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_BYTES = 128 << 20  # default size of the widest array's shard objects (--shard-rows auto)
 MANIFEST_KEY = "manifest"
 # where `cache-acts` keeps its bucket files and resume state while a store is being written
 WORK_DIR = ".cache-acts-tmp"
@@ -74,6 +82,25 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return t.view(torch.int16).view(torch.bfloat16)
     return t
+
+
+def default_shard_rows(chunk_rows: int, d_in: dict[str, int], dtype: str) -> int:
+    """Whole chunks per shard such that a shard of the widest hook holds about SHARD_BYTES (at
+    least one chunk): few objects on object stores, and reads of one chunk stay small."""
+    widest = max(d_in.values()) * STORAGE_DTYPES[dtype].itemsize
+    return chunk_rows * max(1, SHARD_BYTES // (chunk_rows * widest))
+
+
+def resolve_shard_rows(requested: int | None, chunk_rows: int, d_in: dict[str, int], dtype: str
+                       ) -> int:
+    """--shard-rows: the rows given (checked), or the default when None."""
+    if requested is None:
+        return default_shard_rows(chunk_rows, d_in, dtype)
+    if requested < chunk_rows or requested % chunk_rows:
+        lower = max(chunk_rows, requested // chunk_rows * chunk_rows)
+        fail(f"--shard-rows {requested} must be a whole multiple of --chunk-rows {chunk_rows} "
+             f"(e.g. {lower} or {lower + chunk_rows})")
+    return requested
 
 
 def checksum(a: np.ndarray) -> int:
@@ -129,6 +156,9 @@ class Manifest:
     fingerprints: dict[str, Any] = field(default_factory=dict)
     # the options that decided the bytes (cache-acts' resume settings); a --resume must repeat them
     settings: dict[str, Any] = field(default_factory=dict)
+    # rows per shard object (a multiple of chunk_rows); None: one object per chunk (as in every
+    # format-1 store, and in stores that tests and benchmarks build through `create_store`)
+    shard_rows: int | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +182,10 @@ class Manifest:
                              "whole numbers")
         if self.n_rows < 0 or self.chunk_rows < 1:
             raise ValueError(f"n_rows {self.n_rows} / chunk_rows {self.chunk_rows} out of range")
+        if self.shard_rows is not None and not (
+                isinstance(self.shard_rows, int) and self.shard_rows >= self.chunk_rows
+                and self.shard_rows % self.chunk_rows == 0):
+            raise ValueError(f"shard_rows {self.shard_rows!r} is not a multiple of chunk_rows")
         if not isinstance(self.hooks, list) or not all(isinstance(h, str) for h in self.hooks):
             raise ValueError("hooks must be a list of names")
         if set(self.d_in) != set(self.hooks) or not all(
@@ -166,6 +200,16 @@ class Manifest:
     @property
     def n_chunks(self) -> int:
         return -(-self.n_rows // self.chunk_rows)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        """Row chunks per stored object (1 for a format-1 store)."""
+        return (self.shard_rows or self.chunk_rows) // self.chunk_rows
+
+    @property
+    def n_objects(self) -> int:
+        """Stored objects per array."""
+        return -(-self.n_chunks // self.chunks_per_shard)
 
     def array_paths(self) -> list[str]:
         return [acts_path(h) for h in self.hooks] + list(META_ARRAYS)
@@ -199,21 +243,18 @@ def create_arrays(group: zarr.Group, manifest: Manifest) -> None:
     other files in the folder alone (cache-acts keeps its resume state there)."""
     assert not manifest.complete
     compressors = _compressors(manifest.compression)
-    chunk = manifest.chunk_rows
+    chunk, shard = manifest.chunk_rows, manifest.shard_rows
     for hook in manifest.hooks:
+        d = manifest.d_in[hook]
         group.create_array(
-            acts_path(hook),
-            shape=(manifest.n_rows, manifest.d_in[hook]),
-            chunks=(chunk, manifest.d_in[hook]),
-            dtype=STORAGE_DTYPES[manifest.dtype],
-            compressors=compressors,
-            fill_value=0,
-            overwrite=True,
+            acts_path(hook), shape=(manifest.n_rows, d), chunks=(chunk, d),
+            shards=(shard, d) if shard else None, dtype=STORAGE_DTYPES[manifest.dtype],
+            compressors=compressors, fill_value=0, overwrite=True,
         )
     for name, dtype in META_ARRAYS.items():
         group.create_array(
-            name, shape=(manifest.n_rows,), chunks=(chunk,), dtype=dtype,
-            compressors=compressors, fill_value=0, overwrite=True,
+            name, shape=(manifest.n_rows,), chunks=(chunk,), shards=(shard,) if shard else None,
+            dtype=dtype, compressors=compressors, fill_value=0, overwrite=True,
         )
     write_manifest(group, manifest)
 
@@ -245,13 +286,24 @@ def seal(group: zarr.Group, manifest: Manifest) -> None:
     write_manifest(group, manifest)
 
 
+@dataclass(frozen=True)
+class ChunkSpan:
+    """Where one row chunk's raw bytes lie in an uncompressed local store: `nbytes` at
+    `offset` of `file` (a format-1 chunk file, or a format-2 shard)."""
+
+    file: Path
+    offset: int
+    nbytes: int
+
+
 class Store:
-    """Read access to a store: the manifest, the arrays, and chunk files for memory-mapping."""
+    """Read access to a store: the manifest, the arrays, and chunk spans for memory-mapping."""
 
     def __init__(self, path: str | Path, group: zarr.Group, manifest: Manifest):
         self.path = Path(path)
         self.group = group
         self.manifest = manifest
+        self._shard_index: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
 
     @property
     def hooks(self) -> list[str]:
@@ -296,14 +348,56 @@ class Store:
                      f"manifest says {want}; recreate it with `cache-acts run --overwrite`")
 
     def memmappable(self) -> bool:
-        """True when chunk files are raw little-endian bytes on a local disk."""
+        """True when chunks are raw little-endian bytes on a local disk."""
         return self.manifest.compression in (None, "none") and self.path.exists()
 
-    def chunk_file(self, array_path: str, chunk_index: int) -> Path:
-        """Where chunk `chunk_index` (along rows) of an array lives, with the default key encoding."""
-        ndim = len(self.group[array_path].shape)
-        parts = [str(chunk_index)] + ["0"] * (ndim - 1)
-        return self.path / array_path / "c" / Path(*parts)
+    def object_file(self, array_path: str, index: int) -> Path:
+        """Stored object `index` along rows (a chunk in format 1, a shard in format 2) of an
+        array, with the default key encoding: <array>/c/<index>[/0 for 2-d arrays]."""
+        ndim = 2 if array_path.startswith(ACTS_GROUP + "/") else 1
+        return self.path / array_path / "c" / Path(str(index), *["0"] * (ndim - 1))
+
+    def chunk_span(self, array_path: str, chunk: int) -> ChunkSpan:
+        """Where row chunk `chunk` of an uncompressed local array lies; refuses (UserError) a
+        missing or damaged object rather than pointing at wrong bytes."""
+        m = self.manifest
+        hook = array_path[len(ACTS_GROUP) + 1:] if array_path.startswith(ACTS_GROUP + "/") else None
+        dtype = STORAGE_DTYPES[m.dtype] if hook else np.dtype(META_ARRAYS[array_path])
+        nbytes = m.chunk_rows * (m.d_in[hook] if hook else 1) * dtype.itemsize
+        per_shard = m.chunks_per_shard
+        shard, inner = divmod(chunk, per_shard)
+        file = self.object_file(array_path, chunk if m.shard_rows is None else shard)
+        where = f"row chunk {chunk} of {array_path} ({file})"
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            fail(f"{where} is missing: the store at {self.path} is damaged; recreate it with "
+                 "`cache-acts run --overwrite`")
+        if m.shard_rows is None:
+            if size != nbytes:
+                fail(f"chunk file {file} has {size} bytes, expected {nbytes}: the store at "
+                     f"{self.path} is damaged or compressed without saying so in its manifest; "
+                     "recreate it with `cache-acts run --overwrite`")
+            return ChunkSpan(file, 0, nbytes)
+        try:
+            index, data_bytes = self._read_shard_index(array_path, shard, file, size)
+            offset, nbytes = shards.chunk_location(index, inner, nbytes, data_bytes)
+        except shards.ShardIndexError as e:
+            fail(f"{where} cannot be located: {e}; the store at {self.path} is damaged; "
+                 "recreate it with `cache-acts run --overwrite`")
+        return ChunkSpan(file, offset, nbytes)
+
+    def _read_shard_index(self, array_path: str, shard: int, file: Path, size: int
+                          ) -> tuple[np.ndarray, int]:
+        key = (array_path, shard)
+        if key not in self._shard_index:
+            n_inner = self.manifest.chunks_per_shard
+            tail = shards.index_size(n_inner)
+            with open(file, "rb") as f:
+                f.seek(max(size - tail, 0))
+                index = shards.read_index(f.read(tail), n_inner)
+            self._shard_index[key] = (index, size - tail)
+        return self._shard_index[key]
 
 
 def open_store(path: str | Path, require_complete: bool = True) -> Store:

@@ -218,3 +218,28 @@ def lock_held_elsewhere(folder: Path, command: str):
     finally:
         release.set()
         t.join()
+
+
+def flip_chunk_byte(store: Path, array: str, chunk: int, at: int = 5) -> None:
+    """Flip byte `at` of row chunk `chunk` of `array` where it lies on disk (its own file, or
+    its place in a shard), leaving every other byte alone."""
+    from shared.store import open_store
+
+    span = open_store(store, require_complete=False).chunk_span(array, chunk)
+    data = bytearray(span.file.read_bytes())
+    data[span.offset + at] ^= 0xFF
+    span.file.write_bytes(bytes(data))
+
+
+def swap_chunk_bytes(store: Path, array: str, a: int, b: int) -> None:
+    """Exchange the stored bytes of row chunks `a` and `b` of `array` (in one shard, or two
+    chunk files): each is intact, but in the other's place."""
+    from shared.store import open_store
+
+    s = open_store(store, require_complete=False)
+    spans = [s.chunk_span(array, c) for c in (a, b)]
+    blobs = [span.file.read_bytes()[span.offset:span.offset + span.nbytes] for span in spans]
+    for span, blob in zip(spans, reversed(blobs), strict=True):
+        data = bytearray(span.file.read_bytes())
+        data[span.offset:span.offset + span.nbytes] = blob
+        span.file.write_bytes(bytes(data))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import invoke
+from conftest import flip_chunk_byte, invoke
 from safetensors.torch import save_file
 
 from cache_acts import engine
@@ -101,11 +101,8 @@ def test_info_and_verify(monkeypatch, capsys, sources):
     assert code == 0 and json.loads(out)["n_rows"] == 1033
     code, out, _ = cli(monkeypatch, capsys, "verify", path)
     assert code == 0 and out.startswith("ok:") and "68 chunks verified" in out
-    # flip one byte of one chunk file: verify names it and exits 2
-    chunk = folder / "store" / "acts" / "resid" / "c" / "3" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[5] ^= 0xFF
-    chunk.write_bytes(bytes(raw))
+    # flip one byte of one chunk: verify names it and exits 2
+    flip_chunk_byte(folder / "store", "acts/resid", 3)
     code, out, err = cli(monkeypatch, capsys, "verify", path)
     assert code == 2 and err.strip().splitlines() == [
         f"error: store {path} is damaged: 1 of 68 chunks are bad "
@@ -206,7 +203,7 @@ def test_existing_out_needs_a_flag(monkeypatch, capsys, sources, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["cache_acts.shuffle.BucketFiles.flush",  # pass 1
-                                   "cache_acts.writer.RawChunks.put"])  # pass 2, a writer thread
+                                   "cache_acts.writer.RawShards.put"])  # pass 2, a writer thread
 def test_disk_full_is_one_line_and_resumable(monkeypatch, capsys, sources, where):
     folder, _ = sources
 
@@ -237,7 +234,7 @@ def test_pass_2_deletes_each_bucket_file_only_after_its_last_chunk_is_committed(
         real_remove(self, bucket)
 
     monkeypatch.setattr(BucketFiles, "remove", remove)
-    assert _import(monkeypatch, capsys, folder)[0] == 0
+    assert _import(monkeypatch, capsys, folder, "--shard-rows", "128")[0] == 0
     assert len(removed) > 4  # many buckets (8 KiB budget), removed one by one as pass 2 went
     assert len(set(removed.values())) > 2
     assert cli(monkeypatch, capsys, "verify", str(folder / "store"))[0] == 0

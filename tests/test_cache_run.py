@@ -71,9 +71,10 @@ def test_run_store_reads_back_with_plain_zarr(monkeypatch, capsys, data):
     m = g.attrs["manifest"]
     assert m["complete"] and m["n_rows"] == 500 and m["hooks"] == HOOKS and m["seed"] == 7
     assert m["d_in"] == {HOOKS[0]: 32, HOOKS[1]: 32} and m["context_size"] == CTX
-    assert m["format_version"] == 1 and m["model"].startswith("random:")
+    assert m["format_version"] == 2 and m["model"].startswith("random:")
+    assert m["shard_rows"] == 4096 * (128 << 20) // (4096 * 32 * 4)  # 128 MiB of the widest
     for h in HOOKS:
-        assert g[f"acts/{h}"].shape == (500, 32)
+        assert g[f"acts/{h}"].shape == (500, 32) and g[f"acts/{h}"].shards == (m["shard_rows"], 32)
     seq, pos, tok = g["seq_index"][:], g["position"][:], g["token_ids"][:]
     # the first 500 positions of the stream, each exactly once
     flat = seq.astype(np.int64) * CTX + pos
@@ -237,7 +238,8 @@ def _run_until(args: list[str], out: Path, condition, timeout: float = 60) -> st
 
 
 def _killable(data: Path, out: str) -> list[str]:
-    """Arguments for a run with a commit after every batch (tiny write buffer)."""
+    """Arguments for a run with a commit after every batch (tiny write buffer) and every two
+    chunks (shards of 128 rows)."""
     big = data / "big.parquet"
     if not big.exists():
         ids = np.random.default_rng(1).integers(0, 100, size=(200, CTX))
@@ -246,7 +248,7 @@ def _killable(data: Path, out: str) -> list[str]:
     args[args.index(str(data / "tok.parquet"))] = str(big)
     args[args.index("4")] = "8"
     args[args.index("16KiB")] = "32KiB"
-    return args
+    return args + ["--shard-rows", "128"]
 
 
 def _same_store(a: Path, b: Path) -> None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zarr
-from conftest import invoke
+from conftest import invoke, swap_chunk_bytes
 
 import cache_acts.cli
 import cache_acts.importer  # noqa: F401 - imported here (the CLI imports them lazily) so that
@@ -42,6 +42,7 @@ import train_sae.cli
 from cache_acts.state import STATE_FILE, TMP_DIR
 from shared.fingerprint import digests
 from shared.lock import LOCK_FILE
+from shared.store import open_store
 from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
 ROOT = Path(__file__).parents[1]
@@ -84,18 +85,21 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def run_args(root: Path, out: Path, *extra, big: bool = False) -> list[str]:
-    """`cache-acts run` of the tiny model: 800 rows in 25 chunks (big: 24,000 in 375)."""
+    """`cache-acts run` of the tiny model: 800 rows in 25 chunks, 4 per shard (big: 24,000 in
+    375)."""
     data, batch, chunk, memory = (("big.parquet", 4, 128, "256KiB") if big
                                   else ("tok.parquet", 2, 32, "32KiB"))
     return ["run", "--model", f"random:{root / 'm.json'}", "--dataset", str(root / data),
             "--token-column", "ids", "--context-size", str(CTX), "--no-bos", "--hook", HOOK,
-            "--batch-size", str(batch), "--chunk-rows", str(chunk), "--shuffle-memory", memory,
+            "--batch-size", str(batch), "--chunk-rows", str(chunk), "--shard-rows", str(4 * chunk),
+            "--shuffle-memory", memory,
             "--device", "cpu", "--out", str(out), *map(str, extra)]
 
 
 def import_args(root: Path, out: Path, *extra) -> list[str]:
     return ["import", str(root / "acts.npy"), "--hook", "h", "--chunk-rows", "32",
-            "--shuffle-memory", "32KiB", "--out", str(out), *map(str, extra)]
+            "--shard-rows", "128", "--shuffle-memory", "32KiB", "--out", str(out),
+            *map(str, extra)]
 
 
 def sweep_args(store: Path, out: Path, *extra, big: bool = False) -> list[str]:
@@ -580,33 +584,31 @@ def test_kill_9_train_sae_at_random_moments(inputs, refs, tmp_path, monkeypatch,
 DAMAGES = ["flip", "truncate", "append", "delete", "swap"]
 
 
-def chunk_file(store: Path, array: str, index: int) -> Path:
-    """Zarr v3 default key encoding: <array>/c/<row chunk>[/0 for 2-d arrays]."""
-    path = store / array / "c" / str(index)
-    return path / "0" if path.is_dir() else path
-
-
 def damage(store: Path, array: str, kind: str, rng: random.Random) -> list[int]:
-    """Damage one (swap: two) chunk files of `array` in place; returns the damaged chunks."""
-    n = manifest_of(store)["n_rows"] // manifest_of(store)["chunk_rows"]
-    c = rng.randrange(n)
-    f = chunk_file(store, array, c)
-    data = bytearray(f.read_bytes())
+    """Damage `array` in place at a random row chunk: flip a bit of the chunk's rows, swap its
+    bytes with another chunk's of its shard, or truncate, extend or delete the shard holding it.
+    Returns the chunks that are damaged, the one verify names first leading."""
+    m = manifest_of(store)
+    n, per = m["n_rows"] // m["chunk_rows"], m["shard_rows"] // m["chunk_rows"]
+    c = rng.randrange(n) if kind != "swap" else rng.randrange(n - n % per)  # a shard of >1
+    span = open_store(store).chunk_span(array, c)
+    data = bytearray(span.file.read_bytes())
+    in_shard = [i for i in range(n) if i // per == c // per]
     if kind == "flip":
-        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        f.write_bytes(data)
-    elif kind == "truncate":
-        f.write_bytes(data[:rng.randrange(len(data))])
-    elif kind == "append":
-        f.write_bytes(data + bytes(rng.randrange(1, 64)))
-    elif kind == "delete":
-        f.unlink()
-    else:
-        other = rng.choice([i for i in range(n) if i != c])
-        g = chunk_file(store, array, other)
-        f.rename(f.with_name("swap")), g.rename(f), f.with_name("swap").rename(g)
+        data[span.offset + rng.randrange(span.nbytes)] ^= 1 << rng.randrange(8)
+        span.file.write_bytes(data)
+        return [c]
+    if kind == "swap":
+        other = rng.choice([i for i in in_shard if i != c])
+        swap_chunk_bytes(store, array, c, other)
         return sorted([c, other])
-    return [c]
+    if kind == "truncate":
+        span.file.write_bytes(data[:rng.randrange(len(data))])
+    elif kind == "append":
+        span.file.write_bytes(data + bytes(rng.randrange(1, 64)))
+    else:
+        span.file.unlink()
+    return in_shard
 
 
 def check_damage(store: Path, array: str, chunks: list[int], tmp_path: Path, monkeypatch,

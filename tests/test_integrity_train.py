@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import zarr
-from conftest import invoke, lock_held_elsewhere
+from conftest import flip_chunk_byte, invoke, lock_held_elsewhere, swap_chunk_bytes
 
 from train_sae.cli import main
 from train_sae.synthetic import make_sparse_data, write_synthetic_store
@@ -111,10 +111,7 @@ def test_overwrite_removes_only_the_sweeps_own_files(tmp_path, monkeypatch, caps
 
 def test_a_flipped_byte_stops_training(tmp_path, monkeypatch, capsys):
     store = write_store(tmp_path / "s")
-    chunk = store / "acts" / "h" / "c" / "2" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0x01
-    chunk.write_bytes(bytes(data))
+    flip_chunk_byte(store, "acts/h", 2, at=100)
     code, _, err = cli(monkeypatch, capsys, *train_args(store, tmp_path / "o"))
     one_line(code, err, "row chunk 2 of hook 'h'")
     assert "fails its checksum" in err
@@ -122,9 +119,7 @@ def test_a_flipped_byte_stops_training(tmp_path, monkeypatch, capsys):
 
 def test_swapped_chunk_files_stop_training(tmp_path, monkeypatch, capsys):
     store = write_store(tmp_path / "s")
-    a, b = (store / "acts" / "h" / "c" / str(i) / "0" for i in (0, 1))
-    tmp = a.with_name("swap")
-    a.rename(tmp), b.rename(a), tmp.rename(b)
+    swap_chunk_bytes(store, "acts/h", 0, 1)
     code, _, err = cli(monkeypatch, capsys, *train_args(store, tmp_path / "o"))
     one_line(code, err, "fails its checksum")
 

@@ -36,13 +36,14 @@ def make_store(
     chunk_rows: int = 128,
     compression: str | None = None,
     stats: bool = True,
+    shard_rows: int | None = None,
 ) -> Store:
     """A complete store holding `data` ({hook: [n_rows, d_in]}), stats from the stored values."""
     n_rows = next(iter(data.values())).shape[0]
     manifest = Manifest(
         model="test", hooks=list(data), d_in={h: x.shape[1] for h, x in data.items()},
         dtype=dtype, n_rows=n_rows, context_size=1, seed=0, chunk_rows=chunk_rows,
-        compression=compression,
+        compression=compression, shard_rows=shard_rows,
     )
     group = create_store(path, manifest)
     for hook, x in data.items():
@@ -140,16 +141,21 @@ def test_plan_segments_are_contiguous_and_cover_the_batch() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_memmap_and_zarr_paths_agree(tmp_path: Path, dtype: str) -> None:
+    """Memory-mapped chunk files, memory-mapped shards (offsets from the shard index), and
+    compressed shards through the zarr API give the same batches."""
     data = {"a": with_row_ids(700, 16, seed=1), "b": torch.randn(700, 24)}
     plain = make_store(tmp_path / "plain", data, dtype=dtype, chunk_rows=100)
-    packed = make_store(tmp_path / "packed", data, dtype=dtype, chunk_rows=100, compression="zstd")
-    assert plain.memmappable() and not packed.memmappable()
-    chunk = packed.chunk_file(acts_path("b"), 0)
-    assert chunk.stat().st_size < 100 * 24 * np.dtype(np.float32).itemsize  # really compressed
+    sharded = make_store(tmp_path / "sharded", data, dtype=dtype, chunk_rows=100, shard_rows=300)
+    packed = make_store(tmp_path / "packed", data, dtype=dtype, chunk_rows=100, shard_rows=300,
+                        compression="zstd")
+    assert plain.memmappable() and sharded.memmappable() and not packed.memmappable()
+    shard = packed.object_file(acts_path("b"), 0)
+    assert shard.stat().st_size < 300 * 24 * np.dtype(np.float32).itemsize  # really compressed
     got_plain = collect(ActivationLoader(plain, ["a", "b"], 64, 25, seed=7))
-    got_packed = collect(ActivationLoader(packed, ["a", "b"], 64, 25, seed=7))
-    for p, q in zip(got_plain, got_packed, strict=True):
-        assert torch.equal(p["a"], q["a"]) and torch.equal(p["b"], q["b"])
+    for other in (sharded, packed):
+        got = collect(ActivationLoader(other, ["a", "b"], 64, 25, seed=7))
+        for p, q in zip(got_plain, got, strict=True):
+            assert torch.equal(p["a"], q["a"]) and torch.equal(p["b"], q["b"])
 
 
 @pytest.mark.parametrize("compression", [None, "zstd"])
@@ -271,10 +277,10 @@ def test_prefetch_bounds_batches_built_ahead(id_store: Store) -> None:
 def test_missing_chunk_file_is_reported_in_the_consumer(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"h": with_row_ids(1000, 8)}, chunk_rows=100)
     loader = ActivationLoader(store, ["h"], 100, 30, prefetch=2)
-    victim = store.chunk_file(acts_path("h"), 6)
+    victim = store.object_file(acts_path("h"), 6)
     victim.unlink()
     got = 0
-    with pytest.raises(UserError, match=r"chunk file .*/c/6/0 .*is missing.*recreate it"):
+    with pytest.raises(UserError, match=r"row chunk 6 of acts/h .*/c/6/0.* is missing.*recreate"):
         for _ in loader:
             got += 1
     assert got < 10  # the first epoch reaches chunk 6 before its end
@@ -283,15 +289,31 @@ def test_missing_chunk_file_is_reported_in_the_consumer(tmp_path: Path) -> None:
 
 def test_truncated_chunk_file_is_reported(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"h": torch.randn(300, 8)}, chunk_rows=100)
-    victim = store.chunk_file(acts_path("h"), 2)
+    victim = store.object_file(acts_path("h"), 2)
     victim.write_bytes(victim.read_bytes()[:-4])
     with pytest.raises(UserError, match="has 3196 bytes, expected 3200"):
         collect(ActivationLoader(store, ["h"], 100, 3))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:-4], r"row chunk \d of acts/h .* cannot be located: the shard index fails its "
+                       "crc32c; the store at .* is damaged"),
+    (lambda b: b[:40], "cannot be located: the shard is too short to hold its index"),
+    (lambda b: b[:3200] + b[-4 - 48:], r"row chunk ([12]) .*cannot be located: inner chunk \1 "
+                                       "lies past the end of the shard's data"),
+])
+def test_a_damaged_shard_is_reported(tmp_path: Path, damage, message) -> None:
+    store = make_store(tmp_path / "s", {"h": torch.randn(300, 8)}, chunk_rows=100,
+                       shard_rows=300)
+    victim = store.object_file(acts_path("h"), 0)
+    victim.write_bytes(damage(victim.read_bytes()))
+    with pytest.raises(UserError, match=message):
+        collect(ActivationLoader(store, ["h"], 100, 3))
+
+
 def test_corrupt_compressed_chunk_is_reported(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s", {"h": torch.randn(300, 8)}, chunk_rows=100, compression="zstd")
-    store.chunk_file(acts_path("h"), 1).write_bytes(b"not zstd at all")
+    store.object_file(acts_path("h"), 1).write_bytes(b"not zstd at all")
     with pytest.raises(UserError, match="cannot read rows 100-200 of hook 'h'.*damaged"):
         collect(ActivationLoader(store, ["h"], 100, 3))
     assert _wait_no_threads() == []

@@ -207,9 +207,9 @@ def test_verify_names_the_damaged_array_and_chunk(npy, tmp_path, monkeypatch, ca
                                                   compression, damage, message):
     out = tmp_path / "store"
     code, _, err = cache(monkeypatch, capsys, "import", npy, "--hook", "h", "--out", out,
-                         "--chunk-rows", 64, "--compression", compression)
+                         "--chunk-rows", 64, "--shard-rows", 64, "--compression", compression)
     assert code == 0, err
-    damage(out / "acts" / "h" / "c" / "1" / "0")
+    damage(out / "acts" / "h" / "c" / "1" / "0")  # the shard holding (only) chunk 1
     one_line_error(cache(monkeypatch, capsys, "verify", out), message)
 
 

@@ -9,8 +9,9 @@ stream, so batch i is a pure function of (store, hooks, batch_size, seed, i): a 
 `start_batch=i` yields exactly the tail an uninterrupted one would have yielded from batch i, and
 every row appears exactly once in each epoch's span of the stream.
 
-Reading: local uncompressed stores are read by memory-mapping the chunk files (`Store.chunk_file`;
-every chunk file holds `chunk_rows` rows, the last one zero-padded); compressed stores go through
+Reading: local uncompressed stores are read by memory-mapping each row chunk where it lies
+(`Store.chunk_span`: at its offset in a shard, from the shard's index, or a format-1 chunk file;
+every chunk holds `chunk_rows` rows, the last one zero-padded); compressed stores go through
 the Zarr API, decoding each chunk once per visit. Every hook is read at the same rows, so row j of
 every hook in a batch is the same token. float16 and bfloat16 (stored as uint16 bits) are widened
 to float32, and rows are multiplied by `sqrt(d_in) / mean_norm` from the manifest statistics.
@@ -24,7 +25,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,13 +128,13 @@ class ChunkVerifier:
 
 
 class _MemmapReader:
-    """Rows of uncompressed local chunk files, through a small cache of open memory-maps."""
+    """Rows of uncompressed local chunks (in chunk files or shards), through a small cache of
+    open memory-maps."""
 
-    def __init__(self, store: Store, paths: dict[tuple[str, int], Path], verifier: ChunkVerifier):
+    def __init__(self, store: Store, verifier: ChunkVerifier):
         self.store = store
         self.dtype = STORAGE_DTYPES[store.manifest.dtype]
         self._maps: OrderedDict[tuple[str, int], np.memmap] = OrderedDict()
-        self._paths = paths  # (hook, chunk) -> chunk file, shared by a loader's readers
         self.verifier = verifier
 
     def read(self, hook: str, seg: Segment) -> np.ndarray:
@@ -148,25 +148,9 @@ class _MemmapReader:
 
     def _open(self, hook: str, chunk: int) -> np.memmap:
         m = self.store.manifest
-        path = self._paths.get((hook, chunk))
-        if path is None:  # Store.chunk_file asks Zarr for the array's shape: keep its answer
-            path = self._paths[(hook, chunk)] = self.store.chunk_file(acts_path(hook), chunk)
-        shape = (m.chunk_rows, m.d_in[hook])  # every chunk file is full size, the last one padded
-        expected = math.prod(shape) * self.dtype.itemsize
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            fail(
-                f"chunk file {path} (hook {hook!r}, row chunk {chunk}) is missing: the store at "
-                f"{self.store.path} is damaged; recreate it with `cache-acts run --overwrite`"
-            )
-        if size != expected:
-            fail(
-                f"chunk file {path} has {size} bytes, expected {expected}: the store at "
-                f"{self.store.path} is damaged or compressed without saying so in its manifest; "
-                "recreate it with `cache-acts run --overwrite`"
-            )
-        rows = np.memmap(path, dtype=self.dtype, mode="r", shape=shape)
+        span = self.store.chunk_span(acts_path(hook), chunk)  # checks the object's size/index
+        shape = (m.chunk_rows, m.d_in[hook])  # every chunk is stored full size, the last padded
+        rows = np.memmap(span.file, dtype=self.dtype, mode="r", offset=span.offset, shape=shape)
         valid = min(m.chunk_rows, m.n_rows - chunk * m.chunk_rows)
         self.verifier.check(hook, chunk, rows[:valid])
         return rows
@@ -278,7 +262,6 @@ class ActivationLoader:
         self._pin = self.device.type == "cuda"
         self._next = start_batch
         self._stops: list[threading.Event] = []
-        self._chunk_files: dict[tuple[str, int], Path] = {}
         self.verifier = ChunkVerifier(store)
 
     def __len__(self) -> int:
@@ -326,7 +309,7 @@ class ActivationLoader:
 
     def _reader(self) -> _MemmapReader | _ZarrReader:
         if self.store.memmappable():
-            return _MemmapReader(self.store, self._chunk_files, self.verifier)
+            return _MemmapReader(self.store, self.verifier)
         return _ZarrReader(self.store, self.verifier)
 
     def _build(self, i: int, reader: _MemmapReader | _ZarrReader) -> dict[str, torch.Tensor]:

@@ -98,19 +98,22 @@ def _verify_pass(store: Store, verifier: ChunkVerifier) -> float:
     for hook in m.hooks:
         for chunk in range(m.n_chunks):
             valid = min(m.chunk_rows, m.n_rows - chunk * m.chunk_rows)
-            rows = np.memmap(store.chunk_file(acts_path(hook), chunk), dtype=STORAGE_DTYPES[m.dtype],
-                             mode="r", shape=(valid, m.d_in[hook]))
+            span = store.chunk_span(acts_path(hook), chunk)
+            rows = np.memmap(span.file, dtype=STORAGE_DTYPES[m.dtype], mode="r",
+                             offset=span.offset, shape=(valid, m.d_in[hook]))
             verifier.check(hook, chunk, rows)
     return time.perf_counter() - t0
 
 
 def _fromfile_pass(store: Store, hook: str, dtype: np.dtype, batch_size: int) -> None:
-    """Read every valid row of one hook, chunk file by chunk file, `batch_size` rows per read."""
+    """Read every valid row of one hook, chunk by chunk, `batch_size` rows per read."""
     m = store.manifest
     d_in = m.d_in[hook]
     for chunk in range(m.n_chunks):
         valid = min(m.chunk_rows, m.n_rows - chunk * m.chunk_rows)
-        with open(store.chunk_file(acts_path(hook), chunk), "rb") as f:
+        span = store.chunk_span(acts_path(hook), chunk)
+        with open(span.file, "rb") as f:
+            f.seek(span.offset)
             for lo in range(0, valid, batch_size):
                 np.fromfile(f, dtype=dtype, count=min(batch_size, valid - lo) * d_in)
 

@@ -26,6 +26,7 @@ from shared.store import (
     check_dtype,
     checksum,
     create_store,
+    default_shard_rows,
     from_storage,
     open_store,
     to_storage,
@@ -173,6 +174,7 @@ def write_multihook_store(
         context_size=1,
         seed=seed,
         chunk_rows=chunk_rows,
+        shard_rows=default_shard_rows(chunk_rows, {h: x.shape[1] for h, x in xs.items()}, dtype),
         dataset={"kind": "synthetic"},
     )
     if Path(path).exists() and not overwrite:
