@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from shared.atomic import check_out
+from shared.distributed import exit_together, init
 from shared.errors import fail, run_cli
 
 app = typer.Typer(
@@ -112,6 +113,8 @@ def run(
     from shared.tokens import TokenSpec
 
     _modes(resume, overwrite)
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = init("cuda" if kind.startswith("cuda") else "cpu")
     spec = TokenSpec(
         dataset=dataset, text_column=text_column, token_column=token_column, split=split,
         context_size=context_size, prepend_bos=bos, drop_special=drop_special,
@@ -122,15 +125,18 @@ def run(
         max_tokens=parse_count(tokens) if tokens is not None else None,
         batch_size=batch_size, dtype=dtype, model_dtype=model_dtype,
         compression=check_compression(compression), seed=seed,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=world.device(kind) if kind == "cuda" else kind,
         chunk_rows=chunk_rows, shard_rows=_count_or_none(shard_rows),
         shuffle_memory=parse_size(shuffle_memory),
     )
     t0 = time.perf_counter()
-    m = run_cache(cfg, resume=resume, overwrite=overwrite)
-    dt = time.perf_counter() - t0
-    typer.echo(f"cached {m.n_rows:,} tokens x {len(m.hooks)} hook(s) in {dt:.1f}s")
-    typer.echo(info(cfg.out))
+    with world:
+        m = run_cache(cfg, resume=resume, overwrite=overwrite, world=world)
+    if world.is_main:
+        dt = time.perf_counter() - t0
+        typer.echo(f"cached {m.n_rows:,} tokens x {len(m.hooks)} hook(s) in {dt:.1f}s"
+                   + (f" on {world.world_size} processes" if world.distributed else ""))
+        typer.echo(info(cfg.out))
 
 
 @app.command("import")
@@ -165,9 +171,11 @@ def import_command(
         shard_rows=_count_or_none(shard_rows), shuffle_memory=parse_size(shuffle_memory),
         model=model,
     )
-    m = import_files(cfg, resume=resume, overwrite=overwrite)
-    typer.echo(f"imported {m.n_rows:,} rows from {len(files)} file(s)")
-    typer.echo(info(cfg.out))
+    with init("cpu") as world:
+        m = import_files(cfg, resume=resume, overwrite=overwrite, world=world)
+    if world.is_main:
+        typer.echo(f"imported {m.n_rows:,} rows from {len(files)} file(s)")
+        typer.echo(info(cfg.out))
 
 
 @app.command("info")
@@ -190,4 +198,5 @@ def verify_command(store: Annotated[Path, typer.Argument(help="Store folder.")])
 
 
 def main() -> None:
-    run_cli(app)
+    with exit_together():  # under torchrun, ranks that fail together exit together
+        run_cli(app)

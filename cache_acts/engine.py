@@ -10,10 +10,13 @@ after every shard is written.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import queue
 import shutil
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +36,17 @@ from cache_acts.shuffle import (
 )
 from cache_acts.state import GATHER, SCATTER, TMP_DIR, RunState, tmp_dir
 from cache_acts.writer import (
+    BatchSums,
     ChunkWriterPool,
     RawShards,
     ShardSink,
     StatsSums,
     ZarrShards,
+    batch_sums,
     raw_shards_or_none,
     write_chunk,
 )
+from shared.distributed import LOCAL, World
 from shared.errors import fail
 from shared.fingerprint import digests, short
 from shared.lock import LOCK_FILE, exclusive
@@ -49,13 +55,17 @@ from shared.store import (
     MANIFEST_KEY,
     META_ARRAYS,
     Manifest,
+    count_nonfinite,
     create_arrays,
     write_manifest,
 )
 
 FLUSH_BYTES = 16 << 20  # most bytes pass 1 buffers before writing and committing
 
-Source = Callable[[int], Iterator[RowBatch]]  # cursor -> batches from there on
+# (cursor, mine) -> one item per batch of the source from the cursor on: the RowBatch for batch k
+# when mine(k) (run the model on it), else None (only its cursor is advanced past)
+Source = Callable[[int, Callable[[int], bool]], Iterator[RowBatch | None]]
+_END = object()
 
 
 @dataclass
@@ -151,35 +161,67 @@ def _acts_are_ours(out: Path, hooks: list[Any]) -> bool:
     return {p.name for p in acts.iterdir()} <= allowed
 
 
-def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = False) -> Manifest:
-    """Cache the source into job.out, holding the folder's lock; returns the final manifest."""
-    with exclusive(job.out, "cache-acts"):  # a run failing before it writes leaves no folder
-        return _run_locked(job, source, resume, overwrite)
+def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = False,
+            world: World = LOCAL) -> Manifest:
+    """Cache the source into job.out on every rank of `world` (rank 0 holds the folder's lock
+    and writes the resume state and the manifest); returns the final manifest."""
+    # a run failing before it writes leaves no folder
+    lock = exclusive(job.out, "cache-acts") if world.is_main else contextlib.nullcontext()
+    with lock:
+        return _run_locked(job, source, resume, overwrite, world)
 
 
-def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool) -> Manifest:
-    mode = prepare_out(job.out, resume, overwrite)
+def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool, world: World
+                ) -> Manifest:
+    mode = world.broadcast_object(prepare_out(job.out, resume, overwrite) if world.is_main
+                                  else None)
     tmp = tmp_dir(job.out)
     if mode == "complete":
-        return _already_complete(job)
+        return Manifest.from_dict(world.broadcast_object(
+            _already_complete(job).to_dict() if world.is_main else None))
     m = job.manifest
     m.settings = job.settings
     rec = record_dtype(m.hooks, m.d_in, m.dtype)
+    state = world.broadcast_object(_first_state(job, mode, rec, world) if world.is_main else None)
+    _check_same_folder(state, tmp, world)
+    # small, frequent flushes: a big one stalls the model while the queue is full
+    flush_bytes = max(min(job.shuffle_memory // 4, FLUSH_BYTES), 1)
+    files = BucketFiles(tmp, state.n_buckets, rec, buffer_bytes=flush_bytes, rank=world.rank,
+                        n_ranks=world.world_size)
+    if state.phase == SCATTER:
+        _scatter(job, source, state, files, world)
+    return _gather(job, state, files, world)
+
+
+def _first_state(job: Job, mode: str, rec: np.dtype, world: World) -> RunState:
+    """Rank 0: the resume state to start from (checked), or a new one."""
+    tmp = tmp_dir(job.out)
     if mode == "resume":
         state = RunState.load(tmp)
         assert state is not None
         check_same_settings(state.settings, job.settings, job.out)
-    else:
-        k = choose_n_buckets(job.row_bound * rec.itemsize, job.shuffle_memory)
-        tmp.mkdir(parents=True, exist_ok=True)
-        state = RunState(settings=job.settings, n_buckets=k, bucket_bytes=[0] * k)
-        state.save(tmp)
-    # small, frequent flushes: a big one stalls the model while the queue is full
-    flush_bytes = max(min(job.shuffle_memory // 4, FLUSH_BYTES), 1)
-    files = BucketFiles(tmp, state.n_buckets, rec, buffer_bytes=flush_bytes)
-    if state.phase == SCATTER:
-        _scatter(job, source, state, files)
-    return _gather(job, state, files)
+        if state.world_size != world.world_size:
+            fail(f"the interrupted run in {job.out} was started by {state.world_size} "
+                 f"process(es) and this one has {world.world_size}; resume it with the same "
+                 "number (torchrun --nnodes x --nproc-per-node), or use --overwrite to start again")
+        return state
+    k = choose_n_buckets(job.row_bound * rec.itemsize, job.shuffle_memory)
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = RunState(settings=job.settings, n_buckets=k, world_size=world.world_size,
+                     run_id=uuid.uuid4().hex, bucket_bytes=[[0] * k for _ in range(world.world_size)])
+    state.save(tmp)
+    return state
+
+
+def _check_same_folder(state: RunState, tmp: Path, world: World) -> None:
+    """Every rank must see the work folder rank 0 made (nodes share --out)."""
+    if not world.is_main:
+        seen = RunState.load(tmp)
+        if seen is None or seen.run_id != state.run_id:
+            fail(f"rank {world.rank} does not see the work folder {tmp} that rank 0 is using: "
+                 "several nodes need --out on storage they all share (a shared file system or "
+                 "an object store with a shared --tmp-dir)")
+    world.agree()
 
 
 def _already_complete(job: Job) -> Manifest:
@@ -223,91 +265,146 @@ def _nonfinite_message(job: Job, hook: str, bad: int, size: int, start: int, n: 
 
 
 class _Scatterer(threading.Thread):
-    """Writer thread of pass 1: records -> buckets -> files, statistics, commits."""
+    """Writer thread of pass 1 on each rank: refuses non-finite values, sums statistics per
+    batch and appends the rows to this rank's bucket files. `drain` waits for the queue to
+    empty; an error is kept and raised on the main thread by `raise_error`."""
 
-    def __init__(self, job: Job, state: RunState, files: BucketFiles):
+    def __init__(self, job: Job, n_buckets: int, files: BucketFiles):
         super().__init__(daemon=True)
-        self.job, self.state, self.files = job, state, files
+        self.job, self.n_buckets, self.files = job, n_buckets, files
         self.queue: queue.Queue[tuple[int, RowBatch] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        m = job.manifest
-        self.stats = {h: StatsSums.from_dict(state.stats[h]) if h in state.stats
-                      else StatsSums(m.d_in[h]) for h in m.hooks}
+        self.sums: list[tuple[int, dict[str, BatchSums]]] = []  # (first row, sums) per batch
 
     def run(self) -> None:
-        pending: RowBatch | None = None
-        rows_after = self.state.rows_done
         while True:
             item = self.queue.get()
-            if self.error is not None:  # keep draining so the producer never blocks
-                if item is None:
-                    return
-                continue
             try:
                 if item is None:
-                    if pending is not None:
-                        self._commit(pending.cursor, rows_after)
                     return
-                start, batch = item
-                for hook, x in batch.acts.items():  # before any row of the batch is kept
-                    bad = self.stats[hook].add(x, self.job.manifest.dtype)
-                    if bad:
-                        fail(_nonfinite_message(self.job, hook, bad, x.size, start, len(batch)))
-                rows = np.arange(start, start + len(batch), dtype=np.int64)
-                buckets = bucket_of(rows, self.job.manifest.seed, self.state.n_buckets)
-                self.files.append(to_records(batch, self.files.rec), buckets)
-                pending, rows_after = batch, start + len(batch)
-                if self.files.should_flush():
-                    self._commit(batch.cursor, rows_after)
-                    pending = None
+                if self.error is None:  # after an error, keep draining so the producer never blocks
+                    self._scatter(*item)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
-                if item is None:
-                    return
+            finally:
+                self.queue.task_done()
 
-    def _commit(self, cursor: int, rows_done: int) -> None:
-        self.files.flush()
-        s = self.state
-        s.cursor, s.rows_done, s.bucket_bytes = cursor, rows_done, self.files.sizes()
-        s.stats = {h: st.to_dict() for h, st in self.stats.items()}
-        s.save(self.files.folder)
+    def _scatter(self, start: int, batch: RowBatch) -> None:
+        m = self.job.manifest
+        for hook, x in batch.acts.items():  # before any row of the batch is kept
+            bad = count_nonfinite(x, m.dtype)
+            if bad:
+                fail(_nonfinite_message(self.job, hook, bad, x.size, start, len(batch)))
+        self.sums.append((start, {h: batch_sums(x, m.dtype) for h, x in batch.acts.items()}))
+        rows = np.arange(start, start + len(batch), dtype=np.int64)
+        buckets = bucket_of(rows, m.seed, self.n_buckets)
+        self.files.append(to_records(batch, self.files.rec, start), buckets)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        self.queue.join()
+        self.raise_error()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join()
 
 
-def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles) -> None:
-    """Pass 1: run the source from the committed cursor and scatter its rows."""
-    files.truncate_to(state.bucket_bytes)
-    writer = _Scatterer(job, state, files)
+@dataclass(frozen=True)
+class _Round:
+    """What one rank tells the others after a round of the source (one batch per rank)."""
+
+    rows: int  # rows in its batch (0: none)
+    cursor: int | None  # the source position after its batch
+    saw_end: bool  # the source ended in this round
+
+
+def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles, world: World) -> None:
+    """Pass 1: run the source from the committed cursor, batch k of it on rank k mod N, and
+    scatter every rank's rows by their global row index. The ranks meet after each round of N
+    batches to number the rows, and commit together once the rows scattered since the last
+    commit fill a write buffer (so no rank buffers more than one)."""
+    files.truncate_to(state.bucket_bytes[world.rank])
+    stats = {h: StatsSums.from_dict(state.stats[h]) if h in state.stats
+             else StatsSums(job.manifest.d_in[h]) for h in job.manifest.hooks}
+    writer = _Scatterer(job, state.n_buckets, files)
     writer.start()
-    rows = state.rows_done
-    total = job.max_rows or job.row_bound
-    bar = tqdm(total=total, initial=rows, unit="tok", unit_scale=True, file=sys.stderr,
-               desc="pass 1/2 model+scatter", disable=None, dynamic_ncols=True)
+    rows, cursor, n = state.rows_done, state.cursor, world.world_size
+    unflushed = 0  # bytes scattered by all ranks since the last commit
+    slots = source(cursor, lambda k: k % n == world.rank)
+    bar = tqdm(total=job.max_rows or job.row_bound, initial=rows, unit="tok", unit_scale=True,
+               file=sys.stderr, desc="pass 1/2 model+scatter", dynamic_ncols=True,
+               disable=None if world.is_main else True)
     try:
-        if job.max_rows is None or rows < job.max_rows:
-            for batch in source(state.cursor):
-                if job.max_rows is not None:
-                    batch = batch.head(job.max_rows - rows)
-                writer.queue.put((rows, batch))
-                rows += len(batch)
-                bar.update(len(batch))
-                if writer.error is not None or rows == job.max_rows:
+        done = job.max_rows is not None and rows >= job.max_rows
+        while not done:
+            mine, saw_end = None, False
+            for k in range(n):  # every rank walks every slot, so all stay at the same cursor
+                item = next(slots, _END)
+                if item is _END:
+                    saw_end = True
                     break
+                if k == world.rank:
+                    mine = item
+            writer.raise_error()
+            rounds = world.all_gather_object(_Round(
+                len(mine) if mine is not None else 0, mine.cursor if mine is not None else None,
+                saw_end))
+            start = rows + sum(r.rows for r in rounds[:world.rank])
+            total = rows + sum(r.rows for r in rounds)
+            if job.max_rows is not None:
+                total = min(total, job.max_rows)
+            if mine is not None and start < total:
+                writer.queue.put((start, mine.head(total - start)))
+            cursor = max([r.cursor for r in rounds if r.cursor is not None], default=cursor)
+            bar.update(total - rows)
+            unflushed += (total - rows) * files.rec.itemsize
+            rows = total
+            done = any(r.saw_end for r in rounds) or rows == job.max_rows
+            if done or unflushed >= files.buffer_bytes:
+                _commit_scatter(state, stats, files, writer, world, cursor, rows)
+                unflushed = 0
     finally:
-        writer.queue.put(None)
-        writer.join()
+        writer.stop()
         bar.close()
-    if writer.error is not None:
-        raise writer.error
-    n = state.rows_done
-    if job.max_rows is not None and n < job.max_rows:
-        shutil.rmtree(files.folder, ignore_errors=True)  # run_job removes a folder it made
-        fail(job.short_message.format(n=n, want=job.max_rows))
-    if n == 0:
-        shutil.rmtree(files.folder, ignore_errors=True)
-        fail("the source gave no rows to cache; check the dataset and --drop-special")
+    n_rows = state.rows_done
+    if (job.max_rows is not None and n_rows < job.max_rows) or n_rows == 0:
+        if world.is_main:
+            shutil.rmtree(files.folder, ignore_errors=True)  # run_job removes a folder it made
+        world.agree()
+        if n_rows == 0:
+            fail("the source gave no rows to cache; check the dataset and --drop-special")
+        fail(job.short_message.format(n=n_rows, want=job.max_rows))
+    m = job.manifest
+    m.n_rows = n_rows
     state.phase = GATHER
-    state.chunks_done = 0
-    state.save(files.folder)
+    state.chunks_done = [lo for lo, _ in chunk_ranges(m.n_chunks, m.chunks_per_shard,
+                                                     world.world_size)]
+    state.checksums = {p: [None] * m.n_chunks for p in m.array_paths()}
+    if world.is_main:
+        state.save(files.folder)
+
+
+def _commit_scatter(state: RunState, stats: dict[str, StatsSums], files: BucketFiles,
+                    writer: _Scatterer, world: World, cursor: int, rows: int) -> None:
+    """Every rank flushes its bucket files; the statistics of every batch scattered since the
+    last commit are added in source order; rank 0 saves the state of all ranks."""
+    writer.drain()
+    files.flush()
+    everyone = world.all_gather_object((files.sizes(), writer.sums))
+    writer.sums = []
+    for _, sums in sorted((item for _, batches in everyone for item in batches),
+                          key=lambda item: item[0]):
+        for hook, s in sums.items():
+            stats[hook].add(s)
+    state.cursor, state.rows_done = cursor, rows
+    state.bucket_bytes = [sizes for sizes, _ in everyone]
+    state.stats = {h: st.to_dict() for h, st in stats.items()}
+    if world.is_main:
+        state.save(files.folder)
 
 
 def _shard_sink(group: zarr.Group, out: Path, m: Manifest, scratch: Path) -> ShardSink:
@@ -316,44 +413,102 @@ def _shard_sink(group: zarr.Group, out: Path, m: Manifest, scratch: Path) -> Sha
     return raw if raw is not None else ZarrShards(group, m.chunk_rows, m.shard_rows, m.n_rows)
 
 
-def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
-    """Pass 2: write the shuffled rows as whole chunks gathered into shards, committing after
-    each shard, then the final manifest."""
+def chunk_ranges(n_chunks: int, per_shard: int, n_ranks: int) -> list[tuple[int, int]]:
+    """Each rank's range [lo, hi) of output chunks in pass 2: whole shards, contiguous (so a
+    rank reads a contiguous run of buckets), as even as the shards allow."""
+    n_shards = -(-n_chunks // per_shard)
+    bounds = [min(n_chunks, r * n_shards // n_ranks * per_shard) for r in range(n_ranks + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+class _Progress:
+    """Pass 2's view of every rank's progress (the same on every rank): which chunks are
+    committed, and which bucket files no chunk still to write needs."""
+
+    def __init__(self, state: RunState, ranges: list[tuple[int, int]], bucket_rows: list[int],
+                 chunk_rows: int):
+        self.state, self.ranges = state, ranges
+        ends = np.cumsum(bucket_rows)
+        self.first = [(int(e) - n) // chunk_rows for n, e in zip(bucket_rows, ends, strict=True)]
+        self.last = last_chunk_of_buckets(bucket_rows, chunk_rows)
+
+    def committed(self) -> np.ndarray:
+        """[n_chunks + 1] cumulative count of committed chunks (prefix sums)."""
+        n_chunks = self.ranges[-1][1]
+        done = np.zeros(n_chunks, dtype=bool)
+        for (lo, _), upto in zip(self.ranges, self.state.chunks_done, strict=True):
+            done[lo:upto] = True
+        return np.concatenate([[0], np.cumsum(done)])
+
+    def needed(self) -> list[bool]:
+        """Buckets with a row in a chunk not yet committed."""
+        c = self.committed()
+        return [last >= 0 and c[last + 1] - c[first] < last + 1 - first
+                for first, last in zip(self.first, self.last, strict=True)]
+
+
+def _gather(job: Job, state: RunState, files: BucketFiles, world: World) -> Manifest:
+    """Pass 2: each rank writes the shuffled rows of its range of shards (whole chunks gathered
+    into shards); the ranks meet after every sealed shard, where rank 0 commits the progress of
+    all of them and deletes the bucket files no longer needed; then rank 0 writes the manifest."""
     m = job.manifest
     assert m.shard_rows is not None, "stores are written sharded (format 2)"
     m.n_rows = state.rows_done
     m.complete = False
-    group = zarr.open_group(str(job.out), mode="a", zarr_format=3)
-    if state.chunks_done == 0:
-        create_arrays(group, m)
-    rec_size = files.rec.itemsize
-    bucket_rows = [b // rec_size for b in state.bucket_bytes]
-    assert sum(bucket_rows) == m.n_rows
-    bar = tqdm(total=m.n_chunks, initial=state.chunks_done, unit="chunk", file=sys.stderr,
-               desc="pass 2/2 shuffle+write", disable=None, dynamic_ncols=True)
-    sink = _shard_sink(group, job.out, m, files.folder)
     per_shard = m.chunks_per_shard
+    ranges = chunk_ranges(m.n_chunks, per_shard, world.world_size)
+    if world.is_main and state.chunks_done == [lo for lo, _ in ranges]:  # no shard committed
+        create_arrays(zarr.open_group(str(job.out), mode="a", zarr_format=3), m)
+    world.agree()  # the arrays exist before any rank opens them
+    group = zarr.open_group(str(job.out), mode="a", zarr_format=3)
+    rec_size = files.rec.itemsize
+    bucket_rows = [[b // rec_size for b in sizes] for sizes in state.bucket_bytes]
+    per_bucket = [sum(parts) for parts in zip(*bucket_rows, strict=True)]
+    assert sum(per_bucket) == m.n_rows
+    progress = _Progress(state, ranges, per_bucket, m.chunk_rows)
+    files.check(state.bucket_bytes, needed=progress.needed())
+    lo, hi = ranges[world.rank]
+    start = state.chunks_done[world.rank]
+    remaining = [-(-(r_hi - done) // per_shard)
+                 for (_, r_hi), done in zip(ranges, state.chunks_done, strict=True)]
+    bar = tqdm(total=m.n_chunks, initial=int(progress.committed()[-1]), unit="chunk",
+               file=sys.stderr, desc="pass 2/2 shuffle+write", dynamic_ncols=True,
+               disable=None if world.is_main else True)
+    sink = _shard_sink(group, job.out, m, files.folder)
+    written: dict[str, dict[int, int]] = {}  # this rank's checksums since the last meeting
+    removed = [not need for need in progress.needed()]
 
-    last_chunk = last_chunk_of_buckets(bucket_rows, m.chunk_rows)
-    files.check(state.bucket_bytes, needed=[last >= state.chunks_done for last in last_chunk])
+    def meet() -> None:
+        """Where the ranks commit together (every rank calls it max(remaining) times)."""
+        nonlocal written
+        everyone = world.all_gather_object((state.chunks_done[world.rank], written))
+        written = {}
+        before = int(progress.committed()[-1])
+        for rank, (done, sums) in enumerate(everyone):
+            state.chunks_done[rank] = done
+            for path, crcs in sums.items():
+                for chunk, crc in crcs.items():
+                    state.checksums[path][chunk] = crc
+        bar.update(int(progress.committed()[-1]) - before)
+        if world.is_main:
+            state.save(files.folder)
+            # A bucket whose rows are all in committed shards is never read again, even on
+            # resume: deleting it at once bounds the temporary disk space and gives its
+            # page-cache pages back for the shards still to write (far cheaper than fresh ones
+            # on a VM).
+            for b, need in enumerate(progress.needed()):
+                if not need and not removed[b]:
+                    files.remove(b)
+                    removed[b] = True
 
-    def commit(index: int, sums: dict[str, int]) -> None:  # chunks 0..index are put
+    def commit(index: int, sums: dict[str, int]) -> None:  # chunks start..index are put
         for path, crc in sums.items():
-            recorded = state.checksums.setdefault(path, [])
-            del recorded[index:]
-            recorded.append(crc)
-        bar.update(1)
-        if (index + 1) % per_shard and index + 1 < m.n_chunks:
+            written.setdefault(path, {})[index] = crc
+        if (index + 1 - lo) % per_shard and index + 1 < hi:
             return  # its shard is not whole yet: nothing is durable until it is sealed
         sink.seal(index // per_shard)
-        before, state.chunks_done = state.chunks_done, index + 1
-        state.save(files.folder)
-        # A bucket whose rows are all in committed shards is never read again, even on resume:
-        # deleting it at once bounds the temporary disk space and gives its page-cache pages
-        # back for the shards still to write (far cheaper than fresh ones on a VM).
-        for b, last in enumerate(last_chunk):
-            if before <= last <= index:
-                files.remove(b)
+        state.chunks_done[world.rank] = index + 1
+        meet()
 
     # two writers for raw shard files (page-cache copies scale with cores, and the model is
     # idle in pass 2); one through the zarr API, whose codecs have their own threads
@@ -361,14 +516,19 @@ def _gather(job: Job, state: RunState, files: BucketFiles) -> Manifest:
                              workers=2 if isinstance(sink, RawShards) else 1)
     try:
         for index, records in iter_chunks(files, bucket_rows, m.seed, m.chunk_rows,
-                                          start_chunk=state.chunks_done):
+                                          start_chunk=start, stop_chunk=hi):
             writer.submit(index, records)
     finally:
         writer.finish()
+    for _ in range(max(remaining) - remaining[world.rank]):
+        meet()  # this rank had fewer shards left than another
     bar.close()
-    m.stats = {h: StatsSums.from_dict(state.stats[h]).result() for h in m.hooks}
-    m.checksums = {p: state.checksums[p][:m.n_chunks] for p in m.array_paths()}
-    m.complete = True
-    write_manifest(group, m)  # the last step: from here on the store reads as complete
-    shutil.rmtree(files.folder, ignore_errors=True)
+    if world.is_main:
+        m.stats = {h: StatsSums.from_dict(state.stats[h]).result() for h in m.hooks}
+        m.checksums = {p: state.checksums[p] for p in m.array_paths()}
+        assert all(c is not None for sums in m.checksums.values() for c in sums)
+        m.complete = True
+        write_manifest(group, m)  # the last step: from here on the store reads as complete
+        shutil.rmtree(files.folder, ignore_errors=True)
+    world.agree()
     return m

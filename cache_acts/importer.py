@@ -7,7 +7,8 @@ file's index in `manifest.source_files` and `position` is the row inside that fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cache_acts.engine import Job, run_job
 from cache_acts.model_list import check_hook_name
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
+from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.fingerprint import files_fingerprint
 from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
@@ -101,7 +103,8 @@ class _Source:
         return self._slice[start:stop]
 
 
-def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = False) -> Manifest:
+def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = False,
+                 world: World = LOCAL) -> Manifest:
     """Build a shuffled store from cfg.files (see module docstring for the metadata arrays)."""
     sources = [_Source(Path(p), cfg.key) for p in cfg.files]
     d_in = sources[0].shape[1]
@@ -115,15 +118,21 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
     offsets = np.cumsum([0] + [s.shape[0] for s in sources])
     step = max(READ_BYTES // (4 * d_in), 1)
 
-    def batches(cursor: int) -> Iterator[RowBatch]:
-        """cursor = rows consumed across the files in order."""
-        while cursor < n_rows:
+    def batches(cursor: int, mine: Callable[[int], bool]) -> Iterator[RowBatch | None]:
+        """cursor = rows consumed across the files in order; batches that are not mine (another
+        rank's) are None and not read."""
+        for k in itertools.count():
+            if cursor >= n_rows:
+                return
             f = int(np.searchsorted(offsets, cursor, side="right")) - 1
             start = cursor - int(offsets[f])
             stop = min(start + step, sources[f].shape[0])
-            x = sources[f].rows(start, stop)  # [n, d_in]
             n = stop - start
             cursor += n
+            if not mine(k):
+                yield None
+                continue
+            x = sources[f].rows(start, stop)  # [n, d_in]
             yield RowBatch(
                 acts={cfg.hook: to_storage(x, cfg.dtype)},
                 token_ids=np.full(n, -1, dtype=np.int32),
@@ -135,7 +144,8 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
     # no model to fingerprint: the activations are all there is
     fingerprints = {"model": None, "dataset": files_fingerprint(
         [s.path for s in sources], "activation files", key=cfg.key)}
-    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, {cfg.hook: d_in}, cfg.dtype)
+    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, {cfg.hook: d_in}, cfg.dtype,
+                                    n_rows)
     manifest = Manifest(
         model=cfg.model, hooks=[cfg.hook], d_in={cfg.hook: d_in}, dtype=cfg.dtype, n_rows=0,
         context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, shard_rows=shard_rows,
@@ -150,4 +160,4 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
               max_rows=n_rows, shuffle_memory=cfg.shuffle_memory,
               nonfinite_hint="the input files hold them; remove or fix those rows and import "
                              "again")
-    return run_job(job, batches, resume=resume, overwrite=overwrite)
+    return run_job(job, batches, resume=resume, overwrite=overwrite, world=world)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from cache_acts.state import RunState, tmp_dir
 from shared.errors import fail, first_line
 from shared.fingerprint import short
-from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, open_store
+from shared.store import STORAGE_DTYPES, Manifest, Store, acts_path, checksum, open_store
 
 
 def _size_on_disk(path: Path) -> int:
@@ -47,6 +47,7 @@ def info(path: Path, as_json: bool = False) -> str:
         f"store        {path}",
         f"status       {status}",
         f"rows         {m.n_rows:,} in {m.n_chunks} chunks of {m.chunk_rows:,} rows",
+        f"objects      {_layout(m)}",
         f"dtype        {dtype}",
         f"compression  {m.compression or 'none'}",
         f"seed         {m.seed}",
@@ -69,6 +70,14 @@ def info(path: Path, as_json: bool = False) -> str:
         extra = f"  mean_norm {st.mean_norm:.4g}" if st else ""
         lines.append(f"  {h}  d_in {m.d_in[h]}{extra}")
     return "\n".join(lines)
+
+
+def _layout(m: Manifest) -> str:
+    """How the chunks are stored: format 2 shards, or a format-1 object per chunk."""
+    if m.shard_rows is None:
+        return f"{m.n_objects} per array, one per chunk (format {m.format_version})"
+    return (f"{m.n_objects} shard(s) per array of {m.shard_rows:,} rows "
+            f"(format {m.format_version}, Zarr v3 sharding)")
 
 
 def _fingerprint_lines(fingerprints: dict) -> list[str]:

@@ -8,6 +8,10 @@ import numpy as np
 
 from shared.store import META_ARRAYS, STORAGE_DTYPES, acts_path
 
+# a record's global row index (its place in the source stream): pass 2 orders a bucket's rows by
+# it, however many ranks scattered them; it is not written to the store
+ROW_FIELD = "_row"
+
 
 @dataclass
 class RowBatch:
@@ -35,16 +39,24 @@ class RowBatch:
 
 
 def record_dtype(hooks: list[str], d_in: dict[str, int], dtype: str) -> np.dtype:
-    """One packed record per row: every hook's activations, then the metadata arrays.
-    Field names are the store's array paths, so pass 2 writes field -> array directly."""
+    """One packed record per row: every hook's activations, the metadata arrays, then the global
+    row index. Field names are the store's array paths (and ROW_FIELD), so pass 2 writes
+    field -> array directly."""
     fields: list[tuple] = [(acts_path(h), STORAGE_DTYPES[dtype], (d_in[h],)) for h in hooks]
     fields += [(name, np.dtype(t).newbyteorder("<")) for name, t in META_ARRAYS.items()]
+    fields.append((ROW_FIELD, np.dtype("<i8")))
     return np.dtype(fields)
 
 
-def to_records(batch: RowBatch, rec: np.dtype) -> np.ndarray:
-    """RowBatch -> structured array [n] of `rec`."""
+def array_fields(rec: np.dtype) -> list[str]:
+    """The fields of a record that are store arrays."""
+    return [name for name in rec.names if name != ROW_FIELD]
+
+
+def to_records(batch: RowBatch, rec: np.dtype, start: int) -> np.ndarray:
+    """RowBatch whose first row is global row `start` -> structured array [n] of `rec`."""
     out = np.empty(len(batch), dtype=rec)
+    out[ROW_FIELD] = np.arange(start, start + len(batch), dtype=np.int64)
     for hook, a in batch.acts.items():
         out[acts_path(hook)] = a
     out["token_ids"] = batch.token_ids

@@ -5,7 +5,7 @@ model runs on each batch, so row i of every stored hook is the same token."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from cache_acts.engine import Job, run_job
 from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
+from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
 from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
@@ -93,14 +94,20 @@ class RunConfig:
 
 def model_source(models: list[tuple[ModelChoice, LoadedModel]], spec: TokenSpec,
                  batch_size: int, dtype: str):
-    """cursor (sequences consumed) -> RowBatches of the kept positions of each batch, with one
-    forward pass per model per batch (each stopping after its deepest hook). The token rows come
-    from the first model's tokenizer; check_shared_tokenizer made sure the others agree."""
+    """(cursor (sequences consumed), mine) -> RowBatches of the kept positions of each batch
+    that is mine, with one forward pass per model per batch (each stopping after its deepest
+    hook), None for the others. The token rows come from the first model's tokenizer;
+    check_shared_tokenizer made sure the others agree."""
     first = models[0][1]
 
-    def batches(cursor: int) -> Iterator[RowBatch]:
-        for tb in iter_token_batches(spec, first.tokenizer, batch_size, start_sequence=cursor,
-                                     d_vocab=first.model.cfg.d_vocab):
+    def batches(cursor: int, mine: Callable[[int], bool]) -> Iterator[RowBatch | None]:
+        for k, tb in enumerate(iter_token_batches(spec, first.tokenizer, batch_size,
+                                                  start_sequence=cursor,
+                                                  d_vocab=first.model.cfg.d_vocab)):
+            if not mine(k):  # another rank's batch
+                cursor += tb.tokens.shape[0]
+                yield None
+                continue
             keep = tb.keep  # [b, ctx] bool
             acts: dict[str, np.ndarray] = {}  # stored hook -> [kept rows, d_in]
             for choice, loaded in models:
@@ -120,8 +127,9 @@ def model_source(models: list[tuple[ModelChoice, LoadedModel]], spec: TokenSpec,
 
 
 def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
-              loaded: LoadedModel | None = None) -> Manifest:
-    """Cache cfg's activations to cfg.out (see cache_acts.engine for the two passes).
+              loaded: LoadedModel | None = None, world: World = LOCAL) -> Manifest:
+    """Cache cfg's activations to cfg.out (see cache_acts.engine for the two passes), on every
+    rank of `world` (each running the models on its share of the batches on its own device).
     `loaded`: the one model cfg.model names, already loaded (benchmarks and tests reuse one)."""
     choices = parse_models(cfg.model_specs(), cfg.hooks)
     ctx = cfg.tokens.context_size
@@ -153,7 +161,7 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         row_bound = count_sequences(cfg.tokens, tokenizer) * per_sequence
     single = len(choices) == 1 and choices[0].tag is None
     fingerprints = input_fingerprints(choices, models, cfg.tokens, single)
-    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, d_in, cfg.dtype)
+    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, d_in, cfg.dtype, row_bound)
     settings = cfg.settings(choices, fingerprints, shard_rows)
     manifest = Manifest(
         model=model_label(choices, [lm.spec for lm in models]), hooks=settings["hooks"],
@@ -174,7 +182,7 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     source = model_source(list(zip(choices, models, strict=True)), cfg.tokens, cfg.batch_size,
                           cfg.dtype)
     with torch.inference_mode():
-        return run_job(job, source, resume=resume, overwrite=overwrite)
+        return run_job(job, source, resume=resume, overwrite=overwrite, world=world)
 
 
 def input_fingerprints(choices: list[ModelChoice], models: list[LoadedModel], tokens: TokenSpec,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache_acts.rows import ROW_FIELD
 from shared.errors import fail
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -65,41 +66,51 @@ def bucket_permutation(seed: int, bucket: int, n: int) -> np.ndarray:
 
 
 class BucketFiles:
-    """K append-only files of fixed-size records under `folder`, buffered in memory up to
-    `buffer_bytes`; `flush()` makes everything appended so far reach the files."""
+    """K append-only files of fixed-size records per rank under `folder` (a rank writes only
+    its own part of each bucket), buffered in memory until `flush()` (the engine flushes about
+    every `buffer_bytes`) makes everything appended so far reach the files. Pass 2 reads every
+    rank's part of a bucket."""
 
-    def __init__(self, folder: Path, n_buckets: int, rec: np.dtype, buffer_bytes: int):
+    def __init__(self, folder: Path, n_buckets: int, rec: np.dtype, buffer_bytes: int,
+                 rank: int = 0, n_ranks: int = 1):
         self.folder = folder
         self.n_buckets = n_buckets
         self.rec = rec
         self.buffer_bytes = buffer_bytes
+        self.rank, self.n_ranks = rank, n_ranks
         self._pending: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
-        self._pending_bytes = 0
         folder.mkdir(parents=True, exist_ok=True)
 
-    def path(self, bucket: int) -> Path:
-        return self.folder / f"bucket-{bucket:05d}.bin"
+    def path(self, bucket: int, rank: int | None = None) -> Path:
+        """A rank's part of a bucket (this rank's by default)."""
+        return self.folder / f"bucket-{bucket:05d}.rank-{self.rank if rank is None else rank}.bin"
 
     def truncate_to(self, sizes: list[int]) -> None:
-        """Cut every file back to its committed size in bytes (resume after a crash)."""
-        self.check(sizes)
+        """Cut this rank's files back to their committed sizes in bytes (resume after a crash)."""
         for b, size in enumerate(sizes):
+            self._check_part(b, self.rank, size)
             with open(self.path(b), "ab") as f:
                 f.truncate(size)
 
-    def check(self, sizes: list[int], needed: list[bool] | None = None) -> None:
-        """Refuse to continue from bucket files (those `needed`, default all) shorter than their
-        committed sizes: deleted or cut by hand, they would lose rows."""
-        for b, size in enumerate(sizes):
-            p = self.path(b)
-            have = p.stat().st_size if p.exists() else 0
-            if (needed is None or needed[b]) and have < size:
-                fail(f"bucket file {p} holds {have} bytes but {size} were committed: the "
-                     f"interrupted run's temporary files were deleted or damaged, so it cannot "
-                     "resume; start again with --overwrite")
+    def check(self, sizes: list[list[int]], needed: list[bool] | None = None) -> None:
+        """Refuse to continue from bucket files (of every rank; those `needed`, default all)
+        shorter than their committed sizes [rank][bucket]: deleted or cut by hand, they would
+        lose rows."""
+        for rank, per_bucket in enumerate(sizes):
+            for b, size in enumerate(per_bucket):
+                if needed is None or needed[b]:
+                    self._check_part(b, rank, size)
+
+    def _check_part(self, bucket: int, rank: int, size: int) -> None:
+        p = self.path(bucket, rank)
+        have = p.stat().st_size if p.exists() else 0
+        if have < size:
+            fail(f"bucket file {p} holds {have} bytes but {size} were committed: the "
+                 f"interrupted run's temporary files were deleted or damaged, so it cannot "
+                 "resume; start again with --overwrite")
 
     def sizes(self) -> list[int]:
-        """Bytes in each file (only meaningful right after `flush`)."""
+        """Bytes in each of this rank's files (only meaningful right after `flush`)."""
         return [self.path(b).stat().st_size if self.path(b).exists() else 0
                 for b in range(self.n_buckets)]
 
@@ -111,10 +122,6 @@ class BucketFiles:
             records = records[np.argsort(buckets, kind="stable")]
         for b in np.flatnonzero(counts):
             self._pending[b].append(records[ends[b] - counts[b]:ends[b]])
-        self._pending_bytes += records.nbytes
-
-    def should_flush(self) -> bool:
-        return self._pending_bytes >= self.buffer_bytes
 
     def flush(self) -> None:
         for b, pieces in enumerate(self._pending):
@@ -123,20 +130,31 @@ class BucketFiles:
                     for piece in pieces:
                         f.write(piece.data)
                 self._pending[b] = []
-        self._pending_bytes = 0
 
     def remove(self, bucket: int) -> None:
-        """Delete a bucket file pass 2 no longer needs (missing is fine: resumed runs)."""
-        self.path(bucket).unlink(missing_ok=True)
+        """Delete every rank's part of a bucket pass 2 no longer needs (missing is fine:
+        resumed runs)."""
+        for rank in range(self.n_ranks):
+            self.path(bucket, rank).unlink(missing_ok=True)
 
-    def mapped(self, bucket: int, n_rows: int) -> np.ndarray:
-        """Bucket `bucket` as read-only records [n_rows], memory-mapped (unmapped when the array
-        is freed). The file was just written, so its pages are usually in the page cache and no
-        private copy is made (numpy.fromfile spent most of its time faulting in a fresh buffer);
-        WILLNEED starts read-ahead of the whole bucket for when they are not."""
-        if n_rows == 0:
+    def mapped(self, bucket: int, rows_per_rank: list[int]) -> np.ndarray:
+        """Bucket `bucket` as read-only records in source order: one rank's part memory-mapped
+        as it is (no copy), several merged by their global row index (each part is in source
+        order already, so a stable sort of the concatenation is a merge)."""
+        parts = [self._map(self.path(bucket, r), n) for r, n in enumerate(rows_per_rank) if n]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
             return np.empty(0, dtype=self.rec)
-        with open(self.path(bucket), "rb") as f:
+        rows = np.concatenate(parts)
+        return rows[np.argsort(rows[ROW_FIELD], kind="stable")]
+
+    def _map(self, path: Path, n_rows: int) -> np.ndarray:
+        """A part as read-only records [n_rows], memory-mapped (unmapped when the array is
+        freed). The file was just written, so its pages are usually in the page cache and no
+        private copy is made (numpy.fromfile spent most of its time faulting in a fresh buffer);
+        WILLNEED starts read-ahead of the whole part for when they are not."""
+        with open(path, "rb") as f:
             m = mmap.mmap(f.fileno(), n_rows * self.rec.itemsize, access=mmap.ACCESS_READ)
         m.madvise(mmap.MADV_WILLNEED)
         return np.frombuffer(m, dtype=self.rec, count=n_rows)
@@ -150,23 +168,30 @@ def last_chunk_of_buckets(bucket_rows: list[int], chunk_rows: int) -> list[int]:
 
 
 def iter_chunks(
-    files: BucketFiles, bucket_rows: list[int], seed: int, chunk_rows: int, start_chunk: int = 0
+    files: BucketFiles, bucket_rows: list[list[int]], seed: int, chunk_rows: int,
+    start_chunk: int = 0, stop_chunk: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(chunk index, records [<= chunk_rows]) of the shuffled stream, from `start_chunk` on.
+    """(chunk index, records [<= chunk_rows]) of the shuffled stream, chunks
+    [start_chunk, stop_chunk). `bucket_rows`: [rank][bucket] rows of each rank's part.
 
     Output row r is row r of the concatenation of the permuted buckets; only whole chunks are
     emitted (the last one may be short), a bucket's tail carried into the next chunk.
     """
-    n_rows = sum(bucket_rows)
+    per_bucket = [sum(parts) for parts in zip(*bucket_rows, strict=True)]
+    n_rows = sum(per_bucket)
+    if stop_chunk is not None:
+        n_rows = min(n_rows, stop_chunk * chunk_rows)
     start_row = start_chunk * chunk_rows
     chunk = np.empty(min(chunk_rows, max(n_rows - start_row, 0)), dtype=files.rec)
     filled, index, first = 0, start_chunk, 0  # first: output row of the bucket's first row
-    for b, n in enumerate(bucket_rows):
+    for b, n in enumerate(per_bucket):
+        if first >= n_rows:
+            break
         if first + n <= start_row or n == 0:
             first += n
             continue
-        rows = files.mapped(b, n)
-        perm = bucket_permutation(seed, b, n)[max(start_row - first, 0):]
+        rows = files.mapped(b, [parts[b] for parts in bucket_rows])
+        perm = bucket_permutation(seed, b, n)[max(start_row - first, 0):n_rows - first]
         first += n
         while len(perm):
             take = min(len(perm), len(chunk) - filled)

@@ -1,8 +1,9 @@
 """The resume state of a run: a small JSON file replaced atomically at every commit.
 
 Everything a restarted run needs to continue exactly where the last commit left off lives here:
-where the source stopped, how many bytes each bucket file had, the running statistics, and in
-pass 2 how many output chunks are written and their checksums.
+where the source stopped, how many bytes each rank's bucket files had, the running statistics,
+and in pass 2 how far each rank got in its range of output chunks and their checksums. Rank 0
+writes it after every meeting of the ranks (cache_acts.engine), so it describes all of them.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ SCATTER, GATHER = "scatter", "gather"
 class RunState:
     settings: dict[str, Any]  # everything that decides the output; must match on --resume
     n_buckets: int
+    world_size: int = 1  # the ranks that run it; a --resume needs as many
+    run_id: str = ""  # random, so ranks on several nodes can tell they see the same work folder
     phase: str = SCATTER
     cursor: int = 0  # source position after the last committed batch
     rows_done: int = 0  # rows scattered so far (pass 1) = n_rows once pass 1 ends
-    bucket_bytes: list[int] = field(default_factory=list)
+    bucket_bytes: list[list[int]] = field(default_factory=list)  # [rank][bucket] bytes
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # hook -> StatsSums.to_dict()
-    chunks_done: int = 0
-    checksums: dict[str, list[int]] = field(default_factory=dict)
+    # pass 2: the next chunk each rank writes (its range starts at `chunk_ranges`) ...
+    chunks_done: list[int] = field(default_factory=list)
+    # ... and the CRC32 of every chunk written so far (None: not yet), per array path
+    checksums: dict[str, list[int | None]] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         """Replace the state file atomically: a reader sees the old or the new state."""

@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,12 +28,31 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 from zarr.storage import LocalStore
 
+from cache_acts.rows import array_fields
 from shared import shards
-from shared.store import HookStats, Manifest, checksum, count_nonfinite, from_storage
+from shared.store import HookStats, Manifest, checksum, from_storage
+
+
+@dataclass
+class BatchSums:
+    """One batch's float64 sums for a hook's statistics (`batch_sums`)."""
+
+    total: np.ndarray  # [d_in] sum of the rows
+    norm_sum: float  # sum of the rows' L2 norms
+    count: int
+
+
+def batch_sums(x: np.ndarray, dtype: str) -> BatchSums:
+    """x: [n, d_in] finite values in storage dtype; statistics are of the values as stored.
+    Sums and norms are computed in float64: squares of float32 values above ~1e19 would
+    overflow float32 (and give mean_norm inf, which would scale every input to 0)."""
+    v64 = from_storage(x, dtype).to(torch.float64).numpy()  # [n, d_in], exact widening
+    return BatchSums(v64.sum(0), float(np.sqrt(np.einsum("ij,ij->i", v64, v64)).sum()), len(x))
 
 
 class StatsSums:
-    """Running float64 sums for a hook's mean vector and mean L2 norm."""
+    """Running float64 sums for a hook's mean vector and mean L2 norm. Batches are added in
+    source order, whichever rank ran them, so the sums are the same for any number of ranks."""
 
     def __init__(self, d_in: int, total: list[float] | None = None, norm_sum: float = 0.0,
                  count: int = 0):
@@ -40,21 +60,10 @@ class StatsSums:
         self.norm_sum = norm_sum
         self.count = count
 
-    def add(self, x: np.ndarray, dtype: str) -> int:
-        """x: [n, d_in] in storage dtype; statistics are of the values as stored. Returns the
-        number of values that are not finite (NaN or inf), in which case nothing is added.
-        Sums and norms are computed in float64: squares of float32 values above ~1e19 would
-        overflow float32 (and give mean_norm inf, which would scale every input to 0)."""
-        if len(x) == 0:
-            return 0
-        bad = count_nonfinite(x, dtype)
-        if bad:
-            return bad
-        v64 = from_storage(x, dtype).to(torch.float64).numpy()  # [n, d_in], exact widening
-        self.total += v64.sum(0)
-        self.norm_sum += float(np.sqrt(np.einsum("ij,ij->i", v64, v64)).sum())
-        self.count += len(x)
-        return 0
+    def add(self, s: BatchSums) -> None:
+        self.total += s.total
+        self.norm_sum += s.norm_sum
+        self.count += s.count
 
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total.tolist(), "norm_sum": self.norm_sum, "count": self.count}
@@ -181,7 +190,7 @@ def write_chunk(sink: ShardSink, index: int, records: np.ndarray) -> dict[str, i
     """Write records [<= chunk_rows] as chunk `index` of every array (field name = array path);
     returns each array's CRC32 of the chunk."""
     sums = {}
-    for path in records.dtype.names:
+    for path in array_fields(records.dtype):
         block = np.ascontiguousarray(records[path])
         sink.put(path, index, block)
         sums[path] = checksum(block)

@@ -84,18 +84,22 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t
 
 
-def default_shard_rows(chunk_rows: int, d_in: dict[str, int], dtype: str) -> int:
+def default_shard_rows(chunk_rows: int, d_in: dict[str, int], dtype: str, max_rows: int) -> int:
     """Whole chunks per shard such that a shard of the widest hook holds about SHARD_BYTES (at
-    least one chunk): few objects on object stores, and reads of one chunk stay small."""
+    least one chunk): few objects on object stores, and reads of one chunk stay small. No
+    bigger than a store of `max_rows` rows needs: a shard's index has an entry for each of its
+    chunks, present or not."""
     widest = max(d_in.values()) * STORAGE_DTYPES[dtype].itemsize
-    return chunk_rows * max(1, SHARD_BYTES // (chunk_rows * widest))
+    chunks = min(SHARD_BYTES // (chunk_rows * widest), -(-max_rows // chunk_rows))
+    return chunk_rows * max(1, chunks)
 
 
-def resolve_shard_rows(requested: int | None, chunk_rows: int, d_in: dict[str, int], dtype: str
-                       ) -> int:
-    """--shard-rows: the rows given (checked), or the default when None."""
+def resolve_shard_rows(requested: int | None, chunk_rows: int, d_in: dict[str, int], dtype: str,
+                       max_rows: int) -> int:
+    """--shard-rows: the rows given (checked), or the default for a store of at most
+    `max_rows` rows when None."""
     if requested is None:
-        return default_shard_rows(chunk_rows, d_in, dtype)
+        return default_shard_rows(chunk_rows, d_in, dtype, max_rows)
     if requested < chunk_rows or requested % chunk_rows:
         lower = max(chunk_rows, requested // chunk_rows * chunk_rows)
         fail(f"--shard-rows {requested} must be a whole multiple of --chunk-rows {chunk_rows} "

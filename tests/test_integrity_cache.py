@@ -185,8 +185,8 @@ def test_a_deleted_bucket_file_refuses_resume_with_one_line(data, monkeypatch, c
     interrupted_run(data, monkeypatch, capsys)
     work = data / "store" / TMP_DIR
     state = json.loads((work / STATE_FILE).read_text())
-    victim = next(b for b, size in enumerate(state["bucket_bytes"]) if size > 0)
-    (work / f"bucket-{victim:05d}.bin").unlink()  # cache_acts.shuffle.BucketFiles.path
+    victim = next(b for b, size in enumerate(state["bucket_bytes"][0]) if size > 0)
+    (work / f"bucket-{victim:05d}.rank-0.bin").unlink()  # cache_acts.shuffle.BucketFiles.path
     code, _, err = cli(monkeypatch, capsys, *args(data), "--resume")
     assert code == 2 and err.count("\n") == 1 and "were deleted or damaged" in err
     assert not (data / "store" / "zarr.json").exists()

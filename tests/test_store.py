@@ -95,9 +95,11 @@ def test_shard_rows_must_be_a_multiple_of_chunk_rows():
     from shared.store import resolve_shard_rows
     with pytest.raises(UserError, match="--shard-rows 100 must be a whole multiple of "
                                         "--chunk-rows 64 .e.g. 64 or 128"):
-        resolve_shard_rows(100, 64, {"h": 8}, "float32")
-    assert resolve_shard_rows(None, 4096, {"a": 2048, "b": 64}, "bfloat16") == 32768  # 128 MiB
-    assert resolve_shard_rows(None, 4096, {"a": 1 << 16}, "float32") == 4096  # at least a chunk
+        resolve_shard_rows(100, 64, {"h": 8}, "float32", 10**6)
+    big = 10**9
+    assert resolve_shard_rows(None, 4096, {"a": 2048, "b": 64}, "bfloat16", big) == 32768  # 128 MiB
+    assert resolve_shard_rows(None, 4096, {"a": 1 << 16}, "float32", big) == 4096  # >= a chunk
+    assert resolve_shard_rows(None, 64, {"a": 8}, "float32", 1033) == 17 * 64  # the whole store
 
 
 def test_open_refuses_missing_foreign_and_incomplete_stores(tmp_path):

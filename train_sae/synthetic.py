@@ -174,7 +174,8 @@ def write_multihook_store(
         context_size=1,
         seed=seed,
         chunk_rows=chunk_rows,
-        shard_rows=default_shard_rows(chunk_rows, {h: x.shape[1] for h, x in xs.items()}, dtype),
+        shard_rows=default_shard_rows(chunk_rows, {h: x.shape[1] for h, x in xs.items()}, dtype,
+                                      n),
         dataset={"kind": "synthetic"},
     )
     if Path(path).exists() and not overwrite:
