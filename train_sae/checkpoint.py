@@ -4,6 +4,10 @@ A checkpoint holds, for step `step` (the index of the next batch to train on): e
 state_dict (parameters and buffers such as AuxK's tokens-since-fired), Adam state, density counters,
 status, resampling RNG, log-file offsets; the global torch RNG state; the W&B run id. The loader
 position is `step` itself, since batch i is a pure function of i.
+
+Under torchrun rank 0 gathers every rank's member states at the same step and writes this one
+file, so a checkpoint does not depend on how many ranks wrote it: any number of ranks (or one
+process) resumes it, and every rank reads the states of its own members from it.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
     path = folder / CHECKPOINT_NAME
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # memory-mapped (copy on write): each rank of a sweep pages in only its members' states
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - a corrupt file is the user's to remove
         fail(f"checkpoint {path} cannot be read ({first_line(e)}); restore it, or start again "
              "with --overwrite")

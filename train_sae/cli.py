@@ -4,6 +4,11 @@ Both commands take the same options; in `sweep` the hyperparameter options take 
 lists that expand to a grid (see train_sae/sweep.py), `run` must describe exactly one SAE.
 `--hook` may be repeated (or `--hook all`): SAE members are trained for every chosen hook and
 crosscoder members read all of them, in one pass over the store.
+
+Under `torchrun --nproc-per-node N --no-python train-sae sweep ...` the members are spread over
+the N ranks (or, with --data-parallel, each member is trained on every rank on a share of each
+batch); the outputs are those of one process (train_sae/trainer.py). Only rank 0 prints the
+progress bar and the summary; every rank exits with the same code.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from typing import Annotated, Any
 
 import typer
 
+from shared import distributed
 from shared.atomic import check_out
 from shared.errors import fail, run_cli
 from train_sae.cli_eval import eval_command, report_command
 from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
 from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
-from train_sae.trainer import MemberResult, prepare, train
+from train_sae.trainer import MemberResult, prepare, resolve_device, train
 
 # `train-sae run/sweep` exit codes: 0 when at least one member finished, 2 for bad input (one
 # `error:` line), 1 when training ran but every member failed (README, "Exit codes").
@@ -42,6 +48,10 @@ CkptEvery = Annotated[int, typer.Option(help="checkpoint every N steps (0: never
 LogEvery = Annotated[int, typer.Option(help="write metrics every N steps")]
 Wandb = Annotated[str | None, typer.Option(help="also log to this W&B project")]
 Config = Annotated[Path | None, typer.Option(help="TOML file listing the members explicitly")]
+DataParallel = Annotated[bool, typer.Option(
+    help="under torchrun: train every member on every rank, each rank on an equal share of "
+         "every batch (gradients averaged), instead of spreading the members over the ranks; "
+         "--batch-size must be divisible by the number of ranks")]
 Normalize = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="scale each hook's activations by sqrt(d_in) / mean norm while training (Anthropic April "
@@ -84,14 +94,15 @@ FLAG_KEYS = {"k": "k", "k_aux": "k_aux", "aux_coefficient": "aux_coefficient",
 def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens: int | None,
            batch_size: int, device: str, seed: int, resume: bool, overwrite: bool,
            checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
-           config: Path | None, arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
-           resample_at: str | None, flags: dict[str, str | None]) -> list[MemberResult]:
+           data_parallel: bool, config: Path | None, arch: str | None, width: str | None,
+           expansion: str | None, param: list[str] | None, resample_at: str | None,
+           flags: dict[str, str | None]) -> None:
     check_out(out)
     cfg = TrainConfig(store=str(store), out=str(out), hooks=tuple(hook or ()), tokens=tokens,
                       batch_size=batch_size, device=device, seed=seed,
                       checkpoint_every=checkpoint_every, log_every=log_every,
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
-                      normalize=normalize)
+                      normalize=normalize, data_parallel=data_parallel)
     # every value typed here, where it enters (a bad one fails before the store is opened)
     values = {FLAG_KEYS[f]: parse_list(v, _flag(f), option_type(FLAG_KEYS[f]))
               for f, v in flags.items() if v is not None}
@@ -114,15 +125,25 @@ def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens:
                         widths=parse_list(width, "--width", int) if width else [],
                         expansions=parse_list(expansion, "--expansion", float) if expansion else [],
                         values=values, resample_at=at)
-    plan = prepare(cfg)
-    if spec is None:
-        members = load_toml(config, plan.d_in, batch_size, plan.total_steps)
-    else:
-        members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps)
-    if single and len(members) != 1:
-        fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
-             "give one value per option or use `train-sae sweep`")
-    results = train(cfg, plan, members)
+    # one process, or this rank of a torchrun sweep; its block is every rank's work, so one
+    # rank's failure stops them all (shared/distributed.py)
+    with distributed.init(resolve_device(cfg.device)) as world:
+        plan = prepare(cfg, world)
+        if spec is None:
+            members = load_toml(config, plan.d_in, batch_size, plan.total_steps)
+        else:
+            members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps)
+        if single and len(members) != 1:
+            fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
+                 "give one value per option or use `train-sae sweep`")
+        results = train(cfg, plan, members, world)
+        if world.is_main:
+            _print_results(results)
+    if all(r.status == "failed" for r in results):  # every rank has every result: the same code
+        raise typer.Exit(EXIT_ALL_FAILED)
+
+
+def _print_results(results: list[MemberResult]) -> None:
     for r in results:
         line = f"{r.status:6s} {r.name}"
         if r.status == "done":
@@ -135,8 +156,6 @@ def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens:
     if all(r.status == "failed" for r in results):
         print(f"error: every member failed ({len(results)}); their failures are listed above "
               "and in each metrics.json", file=sys.stderr)
-        raise typer.Exit(EXIT_ALL_FAILED)
-    return results
 
 
 def _flag(name: str) -> str:
@@ -151,8 +170,8 @@ def _train_command(single: bool):
         batch_size: BatchSize = 4096, device: Device = "auto", seed: Seed = 0,
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = 0,
         log_every: LogEvery = 100, wandb_project: Wandb = None, normalize: Normalize = True,
-        config: Config = None, arch: Arch = None, width: Width = None,
-        expansion: Expansion = None, k: K = None, k_aux: KAux = None,
+        data_parallel: DataParallel = False, config: Config = None, arch: Arch = None,
+        width: Width = None, expansion: Expansion = None, k: K = None, k_aux: KAux = None,
         aux_coefficient: AuxCoef = None, l1: L1 = None, l0: L0 = None, lr: Lr = None,
         beta1: Beta1 = None, beta2: Beta2 = None, lr_warmup_steps: Warmup = None,
         lr_decay_frac: Decay = None, grad_clip: Clip = None, resample: Resample = None,
@@ -162,8 +181,8 @@ def _train_command(single: bool):
                      beta1=beta1, beta2=beta2, lr_warmup_steps=lr_warmup_steps,
                      lr_decay_frac=lr_decay_frac, grad_clip=grad_clip, resample=resample)
         _train(single, store, out, hook, tokens, batch_size, device, seed, resume, overwrite,
-               checkpoint_every, log_every, wandb_project, normalize, config, arch, width,
-               expansion, param, resample_at, flags)
+               checkpoint_every, log_every, wandb_project, normalize, data_parallel, config, arch,
+               width, expansion, param, resample_at, flags)
 
     return command
 
@@ -180,7 +199,8 @@ app.command("report")(report_command)
 
 
 def main() -> None:
-    run_cli(app)
+    with distributed.exit_together():  # under torchrun, ranks that fail together exit together
+        run_cli(app)
 
 
 if __name__ == "__main__":

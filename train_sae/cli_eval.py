@@ -55,19 +55,24 @@ def eval_command(
     """
     import torch
 
+    from shared import distributed
     from train_sae.eval_sweep import EvalOptions, evaluate_path, format_table
 
-    opts = EvalOptions(model=model, store=store, dataset=dataset, text_column=text_column,
-                       token_column=token_column, split=split, context_size=context_size,
-                       prepend_bos=bos, drop_special=drop_special, first_position=first_position,
-                       n_tokens=n_tokens, batch_size=batch_size,
-                       device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                       mean_source=ablation_mean)
-    results = evaluate_path(path, opts)
-    first = next(iter(results.values()))
-    typer.echo(f"evaluated {len(results)} SAE(s) on {first['n_tokens']} next-token predictions: "
-               f"{first['tokens_source']}")
-    typer.echo(format_table(results))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun the SAEs are spread over the ranks (each on its own GPU for `cuda`)
+    with distributed.init("cuda" if device.startswith("cuda") else "cpu") as world:
+        opts = EvalOptions(model=model, store=store, dataset=dataset, text_column=text_column,
+                           token_column=token_column, split=split, context_size=context_size,
+                           prepend_bos=bos, drop_special=drop_special,
+                           first_position=first_position, n_tokens=n_tokens,
+                           batch_size=batch_size, device=world.device(device),
+                           mean_source=ablation_mean)
+        results = evaluate_path(path, opts, world)
+        if world.is_main:
+            first = next(iter(results.values()))
+            typer.echo(f"evaluated {len(results)} SAE(s) on {first['n_tokens']} next-token "
+                       f"predictions: {first['tokens_source']}")
+            typer.echo(format_table(results))
 
 
 def report_command(path: SweepPath) -> None:

@@ -137,6 +137,9 @@ class TrainConfig:
     normalize: bool = True  # April-update scaling by sqrt(d_in) / mean_norm (off: scale 1)
     progress: bool = True  # the tqdm bar on stderr
     diverge_factor: float = 1e3  # a member whose loss exceeds this x its first loss is stopped
+    # under torchrun: train every member on every rank, each rank on its share of every batch
+    # (gradients averaged), instead of spreading the members over the ranks
+    data_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -11,6 +11,12 @@ Crosscoder members are skipped (with a one-line note on stderr): splicing one me
 hook it reads at once, each with its own block of the reconstruction, and for model diffing in two
 models at the same time; that is left out. Their per-hook FVU, L0 and dead fraction come from
 training (metrics.json "final", shown by `train-sae report`).
+
+Under torchrun (`torchrun --nproc-per-node N --no-python train-sae eval SWEEP`) the members are
+spread over the ranks like a sweep's, balanced by the cost of their spliced passes (`spread`);
+every rank runs the shared clean and ablation passes for its members' hooks, writes its members'
+metrics.json, and rank 0 prints the table of all of them. A member's result does not depend on the
+others evaluated with it, so the files are those of one process.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from shared.distributed import LOCAL, World, balance
 from shared.errors import fail
 from shared.fingerprint import same, short
 from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
 from shared.store import Manifest, Store, open_store, store_fingerprint
 from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
-from train_sae.evaluate import SpliceTarget, hook_means, splice_eval
+from train_sae.evaluate import SpliceTarget, hook_means, splice_eval, start_layer
 from train_sae.outputs import METRICS_JSON, SWEEP_JSON, read_json, read_sweep, write_json
 from train_sae.report import member_folders
 from train_sae.saving import CFG_FILENAME, load_sae
@@ -340,11 +347,27 @@ def find_store(doc: dict[str, Any], given: str | None) -> Store | None:
     return store
 
 
-def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, Any]]:
-    """Evaluate every finished member under `path`; write each one's metrics.json "eval"."""
+def spread(members: list[EvalMember], n_layers: int, world: World) -> list[EvalMember]:
+    """This rank's share of the members: all of them in one process; under torchrun, balanced by
+    the cost of each one's spliced pass, the blocks from its hook's layer to the unembedding
+    (greedy longest-processing-time, as a sweep's members)."""
+    if not world.distributed:
+        return members
+    if len(members) < world.world_size:
+        fail(f"{world.world_size} ranks would share {len(members)} SAE(s) to evaluate, leaving "
+             f"some with nothing to do; start at most {len(members)} (torchrun --nproc-per-node)")
+    costs = [n_layers + 1 - (start_layer(m.target.hook, n_layers) or 0) for m in members]
+    owner = balance(costs, world.world_size)
+    return [m for m, r in zip(members, owner, strict=True) if r == world.rank]
+
+
+def evaluate_path(path: str | Path, opts: EvalOptions, world: World = LOCAL
+                  ) -> dict[str, dict[str, Any]]:
+    """Evaluate every finished member under `path` (this rank's share of them under torchrun);
+    write each one's metrics.json "eval". Returns every member's result, on every rank."""
     path = Path(path)
     members, _, crosscoders = load_members(path)
-    if crosscoders:
+    if crosscoders and world.is_main:
         print(f"note: skipping {len(crosscoders)} crosscoder member(s) ({', '.join(crosscoders)}): "
               "eval splices single-hook SAEs only; their per-hook FVU and L0 from training are "
               "in metrics.json and `train-sae report`", file=sys.stderr)
@@ -358,12 +381,14 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
     fingerprint = source_fingerprint(spec)
     start, source = held_out_start(spec, fingerprint, training_data(doc, store))
     batches = token_batches(spec, loaded.tokenizer, loaded.model.cfg.d_vocab, opts, start)
+    everyone, members = members, spread(members, loaded.model.cfg.n_layers, world)
     hooks = sorted({m.target.hook for m in members})
     means = ablation_means(loaded.model, hooks, store, opts, batches)
     for m in members:
         m.target.sae.to(next(loaded.model.parameters()).device).float().eval()
     n_scored = sum(int(keep[:, 1:].sum()) for _, keep in batches)
-    with tqdm(total=n_scored, desc="eval", unit="tok", disable=not opts.progress) as bar:
+    with tqdm(total=n_scored, desc="eval", unit="tok",
+              disable=not (opts.progress and world.is_main)) as bar:
         results = splice_eval(loaded.model, [m.target for m in members], batches, means,
                               progress=bar.update)
     n_seq = sum(t.shape[0] for t, _ in batches)
@@ -377,7 +402,8 @@ def evaluate_path(path: str | Path, opts: EvalOptions) -> dict[str, dict[str, An
     for m in members:
         results[m.name] = {**results[m.name], **context}
         write_eval(m.folder, results[m.name])
-    return results
+    shares = world.all_gather_object(results)
+    return {m.name: next(r[m.name] for r in shares if m.name in r) for m in everyone}
 
 
 def write_eval(folder: Path, result: dict[str, Any]) -> None:

@@ -4,6 +4,14 @@ Anthropic resampling, metric counters and checkpoint state.
 What a member reads is decided in one place, `Member.inputs`: an SAE takes its hook's block of
 the loader's batch (`batch[hook]: [batch, d_in]`), a crosscoder the concatenation of its hooks
 (`Crosscoder.concat_hooks(batch): [batch, sum d_h]`). Everything else treats both alike.
+
+A member's training depends on nothing but its own config, the sweep's seed and the batches: its
+initial weights come from the seed, its resampling RNG from the seed and its name, and its
+resampling pool holds the last whole batches of its hook (shared by the members of one process
+but the same whatever they are). So a member trains to the same bytes alone, beside any other
+members, or on any rank of a `torchrun` sweep. With data-parallel ranks (`batch_group` a
+`ShardedBatch`), every rank holds the member and a share of each batch's rows; its gradients,
+loss, firing counts and metrics are those of the whole batch, the same on every rank.
 """
 
 from __future__ import annotations
@@ -16,10 +24,10 @@ import torch
 from train_sae.config import RESAMPLE_ARCHS, MemberConfig
 from train_sae.crosscoder import build_crosscoder
 from train_sae.logging import MetricsLog
-from train_sae.metrics import FeatureDensity, metric_tensors
+from train_sae.metrics import FeatureDensity, firing_counts, metric_tensors
 from train_sae.resampling import BatchPool, resample_dead
 from train_sae.saes import build_sae
-from train_sae.saes.base import SAE, TrainProgress
+from train_sae.saes.base import SAE, WHOLE_BATCH, BatchGroup, TrainProgress
 from train_sae.schedules import LRSchedule
 from train_sae.sweep import HOOK_SEP, hook_prefix
 
@@ -47,10 +55,11 @@ class Member:
     """One member's model and training state; `step` trains it on one batch dict."""
 
     def __init__(self, cfg: MemberConfig, dims: dict[str, int], total_steps: int, seed: int,
-                 device: str, diverge_factor: float):
+                 device: str, diverge_factor: float, batch_group: BatchGroup = WHOLE_BATCH):
         assert cfg.hooks, cfg  # bound by trainer.bind_hooks
         self.cfg, self.name, self.hooks = cfg, cfg.name, cfg.hooks
         self.sae = build_model(cfg, dims, seed).to(device)
+        self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
         # per-hook metrics of a crosscoder: hook -> its width in the concatenated input
         self.blocks = {h: dims[h] for h in cfg.hooks} if cfg.is_crosscoder else None
         o = cfg.optim
@@ -87,8 +96,9 @@ class Member:
     # --- one training step ------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor], step: int, progress: TrainProgress,
              pools: dict[str, BatchPool], log: bool) -> tuple[torch.Tensor, dict[str, Any] | None]:
-        """Train on this step's batch. Returns the detached loss and, when `log`, the metrics
-        record (built here so no member's activations outlive its step)."""
+        """Train on this step's batch (this process's rows of it; `pools` hold whole batches).
+        Returns the whole batch's detached loss and, when `log`, the metrics record (built here
+        so no member's activations outlive its step)."""
         x = self.inputs(batch)
         if step in self.resample_steps and self.hooks[0] in pools:
             self.resampled += resample_dead(self.sae, self.opt, self.dead_density.dead_mask(),
@@ -99,6 +109,7 @@ class Member:
         out = self.sae.training_forward(x, progress)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        loss = self.batch.reduce_gradients(self.sae.parameters(), out.loss.detach())
         self.sae.before_optimizer_step()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.optim.grad_clip)
@@ -108,24 +119,25 @@ class Member:
         metrics = None
         with torch.no_grad():
             acts = out.acts.detach()
-            self.log_density.update(acts)
+            fired = self.batch.sum(firing_counts(acts))  # [d_sae] over the whole batch
+            n_rows = self.batch.rows(acts.shape[0])
+            self.log_density.add(fired, n_rows)
             if step in self.dead_window_starts:
                 self.dead_density.reset()
             if self.resample_steps:
-                self.dead_density.update(acts)
+                self.dead_density.add(fired, n_rows)
             if in_final or log:
-                metrics = metric_tensors(x, out.x_hat, acts, self.blocks)
+                metrics = metric_tensors(x, out.x_hat, acts, self.blocks, self.batch)
             if in_final:
-                self.final_density.update(acts)
+                self.final_density.add(fired, n_rows)
                 for k, v in metrics.items():  # type: ignore[union-attr]
                     self.final_sums[k] = self.final_sums.get(k, 0.0) + v.double()
                 self.final_steps += 1
-        loss = out.loss.detach()
         if not log:
             return loss, None
-        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * x.shape[0], "lr": lr,
+        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * n_rows, "lr": lr,
                                "loss": float(loss)}
-        rec.update({k: float(v) for k, v in out.parts.items()})
+        rec.update({k: float(v) for k, v in self.batch.average(out.parts).items()})
         rec.update({k: float(v) for k, v in metrics.items()})  # type: ignore[union-attr]
         rec.update(dead_fraction=self.log_density.dead_fraction,
                    dense_fraction=self.log_density.dense_fraction,

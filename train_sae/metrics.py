@@ -10,22 +10,27 @@ Definitions (the usual ones in SAELens / sparsify / Anthropic's updates):
 - cos_sim: mean over tokens of cos(x, x_hat).
 - l2_ratio: mean over tokens of ||x_hat|| / ||x||.
 - dead latents: never fired in the window; dense latents: fired on more than 10% of its tokens.
+
+Training metrics take the batch's `BatchGroup` (train_sae/saes/base.py): with data-parallel ranks
+each holds a share of the rows, and the metrics are those of the whole batch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from train_sae.saes.base import WHOLE_BATCH, BatchGroup
+
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
 _EPS = 1e-12
 
 
-def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+def fvu(x: torch.Tensor, x_hat: torch.Tensor, batch: BatchGroup = WHOLE_BATCH) -> torch.Tensor:
     """Fraction of variance unexplained over the batch (scalar tensor; 0 = perfect). NaN when
     the batch has no variance: then no reconstruction explains anything, so none is "perfect"."""
     # sparsify's FVU: residual sum of squares over total sum of squares around the batch mean
-    resid = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+    resid = batch.sum((x - x_hat).pow(2).sum())
+    total = batch.sum((x - batch.mean(x)).pow(2).sum())
     return torch.where(total > 0, resid / total.clamp_min(_EPS), torch.nan)
 
 
@@ -51,28 +56,39 @@ def l2_ratio(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def metric_tensors(x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor,
-                   blocks: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+                   blocks: dict[str, int] | None = None, batch: BatchGroup = WHOLE_BATCH
+                   ) -> dict[str, torch.Tensor]:
     """l0, mse, fvu, cos_sim and l2_ratio of one batch as scalar tensors (no device sync).
 
     blocks: for an input that concatenates several hooks (a crosscoder's), each hook's width in
     order; adds `fvu/<hook>` and `mse/<hook>` of each hook's block of columns.
+    batch: who holds the batch's rows; the metrics are the whole batch's.
     """
     x, x_hat, acts = x.detach().float(), x_hat.detach().float(), acts.detach()
-    out = {"l0": l0(acts), "mse": mse(x, x_hat), "fvu": fvu(x, x_hat),
-           "cos_sim": cos_sim(x, x_hat), "l2_ratio": l2_ratio(x, x_hat)}
+    means = {"l0": l0(acts), "mse": mse(x, x_hat), "cos_sim": cos_sim(x, x_hat),
+             "l2_ratio": l2_ratio(x, x_hat)}  # means over rows: averaged over equal shares
+    ratios = {"fvu": fvu(x, x_hat, batch)}
     if blocks:
         assert x.shape[-1] == sum(blocks.values()), (x.shape, blocks)
         widths = list(blocks.values())
         for hook, x_h, x_hat_h in zip(blocks, x.split(widths, -1), x_hat.split(widths, -1),
                                       strict=True):
-            out[f"fvu/{hook}"] = fvu(x_h, x_hat_h)
-            out[f"mse/{hook}"] = mse(x_h, x_hat_h)
-    return out
+            ratios[f"fvu/{hook}"] = fvu(x_h, x_hat_h, batch)
+            means[f"mse/{hook}"] = mse(x_h, x_hat_h)
+    out = {**batch.average(means), **ratios}
+    order = ["l0", "mse", "fvu", "cos_sim", "l2_ratio"]
+    order += [f"{m}/{hook}" for hook in blocks or () for m in ("fvu", "mse")]
+    return {k: out[k] for k in order}
 
 
 def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> dict[str, float]:
     """l0, mse, fvu, cos_sim and l2_ratio of one batch, as floats."""
     return {k: float(v) for k, v in metric_tensors(x, x_hat, acts).items()}
+
+
+def firing_counts(acts: torch.Tensor) -> torch.Tensor:
+    """[d_sae] how many of the rows of `acts: [batch, d_sae]` each latent fired on (int64)."""
+    return (acts.detach() != 0).sum(dim=0)
 
 
 class FeatureDensity:
@@ -91,8 +107,12 @@ class FeatureDensity:
     def update(self, acts: torch.Tensor) -> None:
         """Count firings in `acts: [batch, d_sae]`."""
         assert acts.shape[-1] == self.d_sae, (acts.shape, self.d_sae)
-        self.counts += (acts.detach() != 0).sum(dim=0)
-        self.n_tokens += acts.shape[0]
+        self.add(firing_counts(acts), acts.shape[0])
+
+    def add(self, counts: torch.Tensor, n_tokens: int) -> None:
+        """Add `counts: [d_sae]` firings (`firing_counts`) over `n_tokens` tokens."""
+        self.counts += counts
+        self.n_tokens += n_tokens
 
     def reset(self) -> None:
         self.counts.zero_()

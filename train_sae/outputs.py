@@ -7,6 +7,10 @@
     OUT/<member>/cfg.json + ...    the trained SAE (SAELens format, train_sae/saving.py) or
                                    crosscoder (train_sae/crosscoder/saving.py)
     OUT/<member>/relative_norms.*  two-hook crosscoders: relative decoder norms (values, histogram)
+
+Under torchrun, rank 0 owns the sweep folder (its lock, sweep.json, the checkpoint, the final
+status) and each member's folder is written by the rank that trains it (rank 0 for every member
+with --data-parallel); the files are those of a one-process sweep.
 """
 
 from __future__ import annotations
@@ -110,8 +114,9 @@ def write_member_json(out: Path, m: Member, dims: dict[str, int], batch_size: in
 def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, int],
                       manifest: Manifest, total_steps: int, members: list[MemberConfig]
                       ) -> dict[str, Any]:
+    # how the sweep is run (resuming, over how many ranks) is not a setting: the same sweep
     settings = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("resume", "overwrite", "out", "store")}
+                if k not in ("resume", "overwrite", "out", "store", "data_parallel")}
     # eval checks its model by content; None = imported activations (no model to check)
     model_fp = ({"model_fingerprint": manifest.fingerprints["model"]}
                 if "model" in manifest.fingerprints else {})

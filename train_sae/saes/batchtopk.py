@@ -1,12 +1,13 @@
 """`batchtopk`: BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
 
 Training keeps the k * batch largest entries of ReLU(pre) over the whole batch (so tokens share
-a budget of k on average), with the same unit-norm decoder, dead-latent tracking and AuxK loss as
-`topk`. It also learns a threshold: an exponential moving average (rate `threshold_ema`) of the
-smallest positive activation kept in each batch, started at the first batch's value. At
-inference `encode()` is a JumpReLU with that threshold, ReLU(pre) * (pre > threshold), which is
-per token and needs no batch; that is also how it is saved (SAELens architecture "jumprelu"
-with a `threshold` vector, as SAELens saves its own BatchTopK SAEs for inference).
+a budget of k on average; with data-parallel ranks, over every rank's share together), with the
+same unit-norm decoder, dead-latent tracking and AuxK loss as `topk`. It also learns a
+threshold: an exponential moving average (rate `threshold_ema`) of the smallest positive
+activation kept in each batch, started at the first batch's value. At inference `encode()` is a
+JumpReLU with that threshold, ReLU(pre) * (pre > threshold), which is per token and needs no
+batch; that is also how it is saved (SAELens architecture "jumprelu" with a `threshold` vector,
+as SAELens saves its own BatchTopK SAEs for inference).
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ class BatchTopKSAE(TopKSAE):
         return torch.relu(pre) * (pre > self.threshold)
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:
-        flat = pre_relu.flatten()
-        keep = min(self.cfg.k * pre_relu.shape[0], flat.numel())
-        top, idx = flat.topk(keep, sorted=False)
-        acts = torch.zeros_like(flat).scatter(0, idx, top).view_as(pre_relu)
+        batch = self.batch_group
+        keep = min(self.cfg.k * batch.rows(pre_relu.shape[0]), batch.rows(pre_relu.numel()))
+        top = batch.top_values(pre_relu.flatten(), keep)  # [keep], over the whole batch
+        # keep every entry at or above the smallest of them (the same entries, barring exact ties)
+        acts = pre_relu * (pre_relu >= top.min())
         if self.training:
             self.update_threshold(top.detach())
         return acts

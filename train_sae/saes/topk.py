@@ -113,14 +113,16 @@ class TopKSAE(UnitNormDecoder, LinearSAE):
         aux_acts = keep_topk(pre_relu * dead, k_aux)  # [batch, d_sae], only dead latents
         target = residual.detach()
         err = (aux_acts @ self.W_dec - target).pow(2).sum(dim=-1).mean()
-        if self.cfg.aux_normalize:
-            err = err / (target - target.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+        if self.cfg.aux_normalize:  # the variance of the whole batch's residual
+            batch = self.batch_group
+            variance = batch.mean((target - batch.mean(target)).pow(2).sum(dim=-1))
+            err = err / variance.clamp_min(1e-12)
         return min(n_dead / self.k_aux, 1.0) * err
 
     @torch.no_grad()
     def record_firing(self, acts: torch.Tensor) -> None:
-        fired = (acts > 0).any(dim=0)  # [d_sae]
-        self.tokens_since_fired += acts.shape[0]
+        fired = self.batch_group.any((acts > 0).any(dim=0))  # [d_sae], anywhere in the batch
+        self.tokens_since_fired += self.batch_group.rows(acts.shape[0])
         self.tokens_since_fired[fired] = 0
 
     def saelens_cfg(self) -> dict:
