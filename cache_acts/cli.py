@@ -18,7 +18,16 @@ app = typer.Typer(
     help="Cache exactly, globally shuffled model activations to a Zarr v3 store.",
 )
 
-Out = Annotated[str, typer.Option("--out", "-o", help="Store folder to write (a local path).")]
+Out = Annotated[str, typer.Option("--out", "-o", help=(
+    "Store to write: a local folder or an fsspec URL (s3://bucket/path, gs://..., file://...; "
+    "pip install 'sae-cache[s3]' or '[gcs]')."))]
+StorageOption = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="KEY=VALUE for the store's fsspec filesystem (repeatable; VALUE is "
+    "JSON when it parses, a dotted KEY nests), e.g. endpoint_url=http://127.0.0.1:9000.")]
+TmpDir = Annotated[str | None, typer.Option(help=(
+    "Local folder for the shuffle's work files (bucket files, resume state; room for one "
+    "uncompressed copy of the store). Default: inside a local --out; the system temp folder for "
+    "a remote one. Several nodes writing one store need it on a file system they share."))]
 Seed = Annotated[int, typer.Option(help="Seed of the shuffle (the same seed gives the same store).")]
 Dtype = Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16 (kept as uint16 bits).")]
 Compression = Annotated[str, typer.Option(
@@ -34,13 +43,15 @@ Resume = Annotated[bool, typer.Option(
     help="Continue an interrupted run at --out (same options); the result is identical.")]
 
 
-def local_out(out: str) -> Path:
-    """The one place --out is interpreted; remote fsspec URLs can be added here."""
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", out):
-        fail(f"--out {out} is a URL; only local paths are supported, write locally and copy")
-    path = Path(out).expanduser()
-    check_out(path)
-    return path
+def store_location(text: str, storage_option: list[str] | None, option: str):
+    """The one place a store argument is interpreted: a local folder or an fsspec URL, checked
+    (shared.storage.location; a local --out must be a writable folder)."""
+    from shared.storage import location, parse_storage_options
+
+    loc = location(text, parse_storage_options(storage_option or []), option=option)
+    if option == "--out" and loc.local_path is not None:
+        check_out(loc.local_path)
+    return loc
 
 
 def check_compression(text: str) -> str | None:
@@ -102,6 +113,8 @@ def run(
     shuffle_memory: ShuffleMemory = "512MiB",
     resume: Resume = False,
     overwrite: Overwrite = False,
+    storage_option: StorageOption = None,
+    tmp_dir: TmpDir = None,
 ) -> None:
     """Run a model (or several sharing a tokenizer) over a token stream and cache its
     activations, globally shuffled."""
@@ -121,13 +134,13 @@ def run(
         first_position=first_position,
     )
     cfg = RunConfig(
-        out=local_out(out), tokens=spec, model=list(model or []), hooks=list(hook or []),
+        out=store_location(out, storage_option, "--out"), tokens=spec, model=list(model or []), hooks=list(hook or []),
         max_tokens=parse_count(tokens) if tokens is not None else None,
         batch_size=batch_size, dtype=dtype, model_dtype=model_dtype,
         compression=check_compression(compression), seed=seed,
         device=world.device(kind) if kind == "cuda" else kind,
         chunk_rows=chunk_rows, shard_rows=_count_or_none(shard_rows),
-        shuffle_memory=parse_size(shuffle_memory),
+        shuffle_memory=parse_size(shuffle_memory), tmp_dir=tmp_dir,
     )
     t0 = time.perf_counter()
     with world:
@@ -156,6 +169,8 @@ def import_command(
     shuffle_memory: ShuffleMemory = "512MiB",
     resume: Resume = False,
     overwrite: Overwrite = False,
+    storage_option: StorageOption = None,
+    tmp_dir: TmpDir = None,
 ) -> None:
     """Build a shuffled store from activations you already have."""
     from cache_acts.importer import ImportConfig, import_files
@@ -166,10 +181,11 @@ def import_command(
     _modes(resume, overwrite)
     check_hook_name(hook)
     cfg = ImportConfig(
-        files=files, hook=hook, out=local_out(out), key=key, dtype=dtype,
+        files=files, hook=hook, out=store_location(out, storage_option, "--out"), key=key,
+        dtype=dtype,
         compression=check_compression(compression), seed=seed, chunk_rows=chunk_rows,
         shard_rows=_count_or_none(shard_rows), shuffle_memory=parse_size(shuffle_memory),
-        model=model,
+        model=model, tmp_dir=tmp_dir,
     )
     with init("cpu") as world:
         m = import_files(cfg, resume=resume, overwrite=overwrite, world=world)
@@ -178,23 +194,27 @@ def import_command(
         typer.echo(info(cfg.out))
 
 
+StoreArg = Annotated[str, typer.Argument(help="Store: a local folder or an fsspec URL.")]
+
+
 @app.command("info")
 def info_command(
-    store: Annotated[Path, typer.Argument(help="Store folder.")],
+    store: StoreArg,
     json_: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    storage_option: StorageOption = None,
 ) -> None:
     """Summarise a store (or print its manifest with --json)."""
     from cache_acts.inspect_store import info
 
-    typer.echo(info(store, as_json=json_))
+    typer.echo(info(store_location(store, storage_option, "STORE"), as_json=json_))
 
 
 @app.command("verify")
-def verify_command(store: Annotated[Path, typer.Argument(help="Store folder.")]) -> None:
+def verify_command(store: StoreArg, storage_option: StorageOption = None) -> None:
     """Exit 0 only if the store is complete and every chunk matches its checksum."""
     from cache_acts.inspect_store import verify
 
-    typer.echo(verify(store))
+    typer.echo(verify(store_location(store, storage_option, "STORE")))
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from cache_acts.shuffle import (
     iter_chunks,
     last_chunk_of_buckets,
 )
-from cache_acts.state import GATHER, SCATTER, TMP_DIR, RunState, tmp_dir
+from cache_acts.state import GATHER, SCATTER, TMP_DIR, RunState
+from cache_acts.state import tmp_dir as tmp_dir_of
 from cache_acts.writer import (
     BatchSums,
     ChunkWriterPool,
@@ -50,6 +51,7 @@ from shared.distributed import LOCAL, World
 from shared.errors import fail
 from shared.fingerprint import digests, short
 from shared.lock import LOCK_FILE, exclusive
+from shared.storage import Location, scratch_dir
 from shared.store import (
     ACTS_GROUP,
     MANIFEST_KEY,
@@ -72,64 +74,88 @@ _END = object()
 class Job:
     """One caching job. `manifest` is the template (n_rows is set after pass 1)."""
 
-    out: Path
+    out: Location  # where the store goes: a local folder or any fsspec URL
     manifest: Manifest
     settings: dict[str, Any]  # what must match for --resume (options that change the output)
     row_bound: int  # an upper bound on the rows the source gives, to size the buckets
     max_rows: int | None  # cache exactly this many rows (None: all the source gives)
     shuffle_memory: int  # bytes; see cache_acts.shuffle for the bound
+    # the local folder for the bucket files and resume state (`work_dir`)
+    work: Path = field(default=Path())
     short_message: str = "the source gives only {n} rows but {want} were asked for"
     nonfinite_hint: str = "the source produced them; fix the source and run again"
 
+    def __post_init__(self) -> None:
+        if self.work == Path():
+            self.work = work_dir(self.out)
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> str:
+
+def work_dir(out: Location, tmp_dir: str | None = None) -> Path:
+    """Where a run keeps its bucket files and resume state: on local disk always (they are
+    appended to and memory-mapped). `<out>/.cache-acts-tmp` for a local --out, else a folder
+    under --tmp-dir (or the system temp folder) named from the store's URL, so that --resume
+    finds it again (shared.storage.scratch_dir)."""
+    scratch = scratch_dir(out, tmp_dir)
+    if scratch is not None:
+        return scratch
+    assert out.local_path is not None
+    return tmp_dir_of(out.local_path)
+
+
+def prepare_out(out: Location, work: Path, resume: bool, overwrite: bool) -> str:
     """Decide what to do with --out: 'new', 'resume' or 'complete' (nothing left to do)."""
-    if out.exists() and not out.is_dir():
+    if out.local_path is not None and out.local_path.exists() and not out.local_path.is_dir():
         fail(f"--out {out} is a file; choose a folder path for the store")
     if overwrite:
-        remove_store(out)
+        remove_store(out, work)
         return "new"
-    if not out.exists() or not _entries(out):
+    entries = _entries(out, work)
+    if not entries:
         return "new"
     if not resume:
         fail(f"--out {out} already exists; pass --resume to continue an interrupted run "
              "or --overwrite to replace it")
     if _read_manifest(out).get("complete"):
         return "complete"
-    if RunState.load(tmp_dir(out)) is None:
-        if _entries(out) == {TMP_DIR}:  # killed before its first commit
-            shutil.rmtree(tmp_dir(out))
+    if RunState.load(work) is None:
+        if entries == {TMP_DIR}:  # killed before its first commit
+            shutil.rmtree(work)
             return "new"
         fail(f"nothing to resume in {out}: it holds no interrupted cache-acts run; "
              "use --overwrite to replace it")
     return "resume"
 
 
-def _entries(out: Path) -> set[str]:
-    """The names in --out, leaving out the lock of the run that holds it."""
-    return {p.name for p in out.iterdir()} - {LOCK_FILE}
+def _entries(out: Location, work: Path) -> set[str]:
+    """The names in --out, leaving out the lock of the run that holds it, and TMP_DIR when the
+    run's work folder (wherever it is) holds files."""
+    names = set(out.list()) - {LOCK_FILE, TMP_DIR}
+    if work.is_dir() and any(work.iterdir()):
+        names.add(TMP_DIR)
+    return names
 
 
-def _read_manifest(out: Path) -> dict[str, Any]:
+def _read_manifest(out: Location) -> dict[str, Any]:
     """The manifest of the store at `out` as written so far ({} when there is none)."""
-    if not (out / "zarr.json").exists():
+    if not out.exists("zarr.json"):
         return {}
     try:
-        raw = zarr.open_group(str(out), mode="r", zarr_format=3).attrs.get(MANIFEST_KEY)
+        group = zarr.open_group(store=out.zarr_store(read_only=True), mode="r", zarr_format=3)
+        raw = group.attrs.get(MANIFEST_KEY)
     except Exception:  # noqa: BLE001 - a half-written zarr.json holds no manifest
         return {}
     return dict(raw) if isinstance(raw, dict) else {}
 
 
-def remove_store(out: Path) -> None:
+def remove_store(out: Location, work: Path) -> None:
     """Delete the store at `out` for --overwrite: only a store this project wrote (its manifest,
     or the resume state of an interrupted run, says so), and only its own files; anything else
     in the folder stays and is named in the refusal."""
-    if not out.exists():
+    entries = _entries(out, work)
+    if not entries:
         return
-    entries = _entries(out)
     manifest = _read_manifest(out)
-    state = RunState.load(tmp_dir(out))
+    state = RunState.load(work)
     ours = {TMP_DIR} & entries if state is not None else set()
     if manifest or state is not None:  # (a run may stop before the group has its first manifest)
         ours |= {"zarr.json", ACTS_GROUP, *META_ARRAYS} & entries
@@ -148,34 +174,35 @@ def remove_store(out: Path) -> None:
         fail(f"refusing to overwrite {out}: it holds files cache-acts did not write "
              f"({', '.join(names[:5])}); move them away or choose another --out")
     for name in ours:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if name == TMP_DIR:
+            shutil.rmtree(work)
+        else:
+            out.remove(name, recursive=True)
 
 
-def _acts_are_ours(out: Path, hooks: list[Any]) -> bool:
+def _acts_are_ours(out: Location, hooks: list[Any]) -> bool:
     """acts/ holds only our hook arrays (hook names may nest: `tag/hook`)."""
-    acts = out / ACTS_GROUP
-    if not acts.is_dir():
-        return True
     allowed = {"zarr.json"} | {str(h).split("/")[0] for h in hooks}
-    return {p.name for p in acts.iterdir()} <= allowed
+    return set(out.list(ACTS_GROUP)) <= allowed
 
 
 def run_job(job: Job, source: Source, resume: bool = False, overwrite: bool = False,
             world: World = LOCAL) -> Manifest:
     """Cache the source into job.out on every rank of `world` (rank 0 holds the folder's lock
     and writes the resume state and the manifest); returns the final manifest."""
-    # a run failing before it writes leaves no folder
-    lock = exclusive(job.out, "cache-acts") if world.is_main else contextlib.nullcontext()
+    # a run failing before it writes leaves no folder; a remote store's run locks its work folder
+    # (on this machine: object stores have no locks)
+    locked = job.out.local_path or job.work
+    lock = exclusive(locked, "cache-acts") if world.is_main else contextlib.nullcontext()
     with lock:
         return _run_locked(job, source, resume, overwrite, world)
 
 
 def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool, world: World
                 ) -> Manifest:
-    mode = world.broadcast_object(prepare_out(job.out, resume, overwrite) if world.is_main
-                                  else None)
-    tmp = tmp_dir(job.out)
+    mode = world.broadcast_object(prepare_out(job.out, job.work, resume, overwrite)
+                                  if world.is_main else None)
+    tmp = job.work
     if mode == "complete":
         return Manifest.from_dict(world.broadcast_object(
             _already_complete(job).to_dict() if world.is_main else None))
@@ -195,7 +222,7 @@ def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool, world: 
 
 def _first_state(job: Job, mode: str, rec: np.dtype, world: World) -> RunState:
     """Rank 0: the resume state to start from (checked), or a new one."""
-    tmp = tmp_dir(job.out)
+    tmp = job.work
     if mode == "resume":
         state = RunState.load(tmp)
         assert state is not None
@@ -232,7 +259,7 @@ def _already_complete(job: Job) -> Manifest:
              "version), so it cannot be told whether it matches these options; drop --resume to "
              "use it as it is, or use --overwrite to cache it again")
     check_same_settings(raw["settings"], job.settings, job.out)
-    shutil.rmtree(tmp_dir(job.out), ignore_errors=True)
+    shutil.rmtree(job.work, ignore_errors=True)
     print(f"{job.out} is already complete; nothing to do", file=sys.stderr)
     return Manifest.from_dict(raw)
 
@@ -407,9 +434,13 @@ def _commit_scatter(state: RunState, stats: dict[str, StatsSums], files: BucketF
         state.save(files.folder)
 
 
-def _shard_sink(group: zarr.Group, out: Path, m: Manifest, scratch: Path) -> ShardSink:
+def _open_for_writing(out: Location) -> zarr.Group:
+    return zarr.open_group(store=out.zarr_store(read_only=False), mode="a", zarr_format=3)
+
+
+def _shard_sink(group: zarr.Group, out: Location, m: Manifest, scratch: Path) -> ShardSink:
     """Raw shard files for uncompressed local stores (same bytes, no zarr overhead), else zarr."""
-    raw = raw_shards_or_none(group, out, m, scratch)
+    raw = raw_shards_or_none(group, out.local_path, m, scratch) if out.is_local else None
     return raw if raw is not None else ZarrShards(group, m.chunk_rows, m.shard_rows, m.n_rows)
 
 
@@ -458,9 +489,9 @@ def _gather(job: Job, state: RunState, files: BucketFiles, world: World) -> Mani
     per_shard = m.chunks_per_shard
     ranges = chunk_ranges(m.n_chunks, per_shard, world.world_size)
     if world.is_main and state.chunks_done == [lo for lo, _ in ranges]:  # no shard committed
-        create_arrays(zarr.open_group(str(job.out), mode="a", zarr_format=3), m)
+        create_arrays(_open_for_writing(job.out), m)
     world.agree()  # the arrays exist before any rank opens them
-    group = zarr.open_group(str(job.out), mode="a", zarr_format=3)
+    group = _open_for_writing(job.out)
     rec_size = files.rec.itemsize
     bucket_rows = [[b // rec_size for b in sizes] for sizes in state.bucket_bytes]
     per_bucket = [sum(parts) for parts in zip(*bucket_rows, strict=True)]

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_acts.engine import Job, run_job
+from cache_acts.engine import Job, run_job, work_dir
 from cache_acts.model_list import check_hook_name
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.fingerprint import files_fingerprint
+from shared.storage import Location, as_location
 from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
 
 READ_BYTES = 32 * MiB  # rows read per step
@@ -31,7 +32,7 @@ READ_BYTES = 32 * MiB  # rows read per step
 class ImportConfig:
     files: list[Path]
     hook: str
-    out: Path
+    out: Location  # a local folder or any fsspec URL (a Path is taken as a local folder)
     key: str | None = None  # tensor name inside .safetensors files holding several
     dtype: str = "float32"
     compression: str | None = None
@@ -40,8 +41,10 @@ class ImportConfig:
     shard_rows: int | None = None  # None: shared.store.default_shard_rows
     shuffle_memory: int = 512 * MiB
     model: str = "imported"  # recorded in the manifest: the model the activations came from
+    tmp_dir: str | None = None  # local folder for the work files of a remote --out
 
     def __post_init__(self) -> None:
+        self.out = as_location(self.out)
         check_dtype(self.dtype)
         if not self.files:
             fail("no input files; pass one or more .npy or .safetensors files")
@@ -156,8 +159,9 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
     settings = {"dataset_fingerprint": fingerprints["dataset"], "key": cfg.key, "hook": cfg.hook,
                 "dtype": cfg.dtype, "compression": cfg.compression, "seed": cfg.seed,
                 "chunk_rows": cfg.chunk_rows, "shard_rows": shard_rows}
-    job = Job(out=cfg.out, manifest=manifest, settings=settings, row_bound=n_rows,
-              max_rows=n_rows, shuffle_memory=cfg.shuffle_memory,
+    job = Job(out=cfg.out, work=work_dir(cfg.out, cfg.tmp_dir), manifest=manifest,
+              settings=settings, row_bound=n_rows, max_rows=n_rows,
+              shuffle_memory=cfg.shuffle_memory,
               nonfinite_hint="the input files hold them; remove or fix those rows and import "
                              "again")
     return run_job(job, batches, resume=resume, overwrite=overwrite, world=world)

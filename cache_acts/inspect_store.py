@@ -12,11 +12,14 @@ from tqdm import tqdm
 from cache_acts.state import RunState, tmp_dir
 from shared.errors import fail, first_line
 from shared.fingerprint import short
+from shared.storage import Location, as_location
 from shared.store import STORAGE_DTYPES, Manifest, Store, acts_path, checksum, open_store
 
 
-def _size_on_disk(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _size_stored(where: Location) -> int:
+    if where.local_path is not None:
+        return sum(p.stat().st_size for p in where.local_path.rglob("*") if p.is_file())
+    return int(where.fs.du(where.path()))
 
 
 def _fmt_bytes(n: float) -> str:
@@ -27,16 +30,18 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
-def info(path: Path, as_json: bool = False) -> str:
-    """A human summary of the store at `path` (or its manifest as JSON)."""
-    if not (path / "zarr.json").exists():
-        state = RunState.load(tmp_dir(path))
+def info(where: Path | Location, as_json: bool = False) -> str:
+    """A human summary of the store at `where` (or its manifest as JSON)."""
+    where = as_location(where)
+    path = where.local_path or where.url
+    if not where.exists("zarr.json"):
+        state = RunState.load(tmp_dir(where.local_path)) if where.local_path else None
         if state is None:
             fail(f"no activation store at {path}; create one with `cache-acts run` or "
                  "`cache-acts import`")
         return (f"{path}: an interrupted cache-acts run, still in pass 1 ({state.rows_done:,} "
                 "rows scattered); finish it with `cache-acts run ... --resume`")
-    store = open_store(path, require_complete=False)
+    store = open_store(where, require_complete=False)
     m = store.manifest
     if as_json:
         return json.dumps(m.to_dict(), indent=2)
@@ -63,7 +68,7 @@ def info(path: Path, as_json: bool = False) -> str:
                      f"BOS {'on' if m.prepend_bos else 'off'}"
                      + (f", positions from {first}" if first else ""))
     lines += _fingerprint_lines(m.fingerprints)
-    lines.append(f"on disk      {_fmt_bytes(_size_on_disk(path))}")
+    lines.append(f"{'on disk' if where.is_local else 'stored':<13}{_fmt_bytes(_size_stored(where))}")
     lines.append("hooks")
     for h in m.hooks:
         st = m.stats.get(h)
@@ -105,12 +110,13 @@ def _model_lines(model: str, model_info: dict) -> list[str]:
     return lines
 
 
-def verify(path: Path, progress: bool = True) -> str:
+def verify(where: Path | Location, progress: bool = True) -> str:
     """Check a complete store's arrays against the manifest and every chunk's CRC32.
 
     Raises UserError (exit 2) for anything wrong; returns a one-line summary when all is well.
     """
-    store = open_store(path, require_complete=True)
+    store = open_store(as_location(where), require_complete=True)
+    path = store.path
     m = store.manifest
     problems: list[str] = []
     for p in m.array_paths():

@@ -7,19 +7,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cache_acts.engine import Job, run_job
+from cache_acts.engine import Job, run_job, work_dir
 from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
 from cache_acts.rows import RowBatch
 from cache_acts.units import MiB
 from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
+from shared.storage import Location, as_location
 from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
 from shared.tokens import (
     TokenSpec,
@@ -34,7 +34,7 @@ from shared.tokens import (
 class RunConfig:
     """What `cache-acts run` caches and how (the CLI flags, one field each)."""
 
-    out: Path
+    out: Location  # a local folder or any fsspec URL (a Path is taken as a local folder)
     tokens: TokenSpec
     # None: the embedded default (shared.embedded); a spec; or a list of `[TAG=]SPEC` (repeated
     # --model) to cache several models over the same tokens (cache_acts.model_list)
@@ -51,8 +51,10 @@ class RunConfig:
     chunk_rows: int = 4096
     shard_rows: int | None = None  # None: shared.store.default_shard_rows
     shuffle_memory: int = 512 * MiB
+    tmp_dir: str | None = None  # local folder for the work files of a remote --out
 
     def __post_init__(self) -> None:
+        self.out = as_location(self.out)
         check_dtype(self.dtype)
         if self.batch_size < 1:
             fail(f"--batch-size must be at least 1, got {self.batch_size}")
@@ -174,8 +176,8 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         },
     )
     job = Job(
-        out=cfg.out, manifest=manifest, settings=settings,
-        row_bound=row_bound, max_rows=cfg.max_tokens, shuffle_memory=cfg.shuffle_memory,
+        out=cfg.out, work=work_dir(cfg.out, cfg.tmp_dir), manifest=manifest,
+        settings=settings, row_bound=row_bound, max_rows=cfg.max_tokens, shuffle_memory=cfg.shuffle_memory,
         short_message=_too_short("{n}", "{want}", ctx),
         nonfinite_hint="the model produced them; check the model and its --model-dtype",
     )

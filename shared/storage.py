@@ -302,6 +302,12 @@ def location(text: str, storage_options: Mapping[str, Any] | None = None, *,
     return loc
 
 
+def as_location(where: str | Path | Location) -> Location:
+    """A Location as it is, anything else (a path, or a URL already checked elsewhere) without a
+    probe: for code that accepts both."""
+    return where if isinstance(where, Location) else location(str(where), check=False)
+
+
 def _local(path: Path, options: dict, text: str, option: str) -> Location:
     if options:
         fail(f"{option} {text} is a local path; --storage-option applies only to remote URLs "

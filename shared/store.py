@@ -35,6 +35,7 @@ import zarr
 from shared import shards
 from shared.errors import fail
 from shared.fingerprint import digest_of, digests
+from shared.storage import Location, as_location
 
 # Every chunk gets a file, even an all-zero one, so readers can memory-map chunk files blindly.
 # (Zarr's runtime config is per process and not stored in the arrays, so it is set here, where
@@ -301,10 +302,12 @@ class ChunkSpan:
 
 
 class Store:
-    """Read access to a store: the manifest, the arrays, and chunk spans for memory-mapping."""
+    """Read access to a store (local or remote): the manifest, the arrays, and, for local
+    uncompressed stores, chunk spans for memory-mapping."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, manifest: Manifest):
-        self.path = Path(path)
+    def __init__(self, where: Location, group: zarr.Group, manifest: Manifest):
+        self.location = where
+        self.path: Path | str = where.local_path or where.url  # as messages name it
         self.group = group
         self.manifest = manifest
         self._shard_index: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
@@ -353,13 +356,15 @@ class Store:
 
     def memmappable(self) -> bool:
         """True when chunks are raw little-endian bytes on a local disk."""
-        return self.manifest.compression in (None, "none") and self.path.exists()
+        return self.manifest.compression in (None, "none") and self.location.is_local
 
     def object_file(self, array_path: str, index: int) -> Path:
-        """Stored object `index` along rows (a chunk in format 1, a shard in format 2) of an
-        array, with the default key encoding: <array>/c/<index>[/0 for 2-d arrays]."""
+        """Stored object `index` along rows (a chunk in format 1, a shard in format 2) of a
+        local store's array, with the default key encoding: <array>/c/<index>[/0 for 2-d]."""
+        assert self.location.local_path is not None
         ndim = 2 if array_path.startswith(ACTS_GROUP + "/") else 1
-        return self.path / array_path / "c" / Path(str(index), *["0"] * (ndim - 1))
+        return (self.location.local_path / array_path / "c"
+                / Path(str(index), *["0"] * (ndim - 1)))
 
     def chunk_span(self, array_path: str, chunk: int) -> ChunkSpan:
         """Where row chunk `chunk` of an uncompressed local array lies; refuses (UserError) a
@@ -404,20 +409,23 @@ class Store:
         return self._shard_index[key]
 
 
-def open_store(path: str | Path, require_complete: bool = True) -> Store:
-    """Open a store for reading; refuse one that is missing, foreign or not complete."""
-    p = Path(path)
-    if not (p / "zarr.json").exists():
-        if (p / WORK_DIR).is_dir():
+def open_store(where: str | Path | Location, require_complete: bool = True) -> Store:
+    """Open a store (a local path, or a `shared.storage.Location` for any fsspec URL) for
+    reading; refuse one that is missing, foreign or not complete."""
+    loc = as_location(where)
+    p = loc.local_path or loc.url  # as messages name it
+    interrupted = loc.is_local and loc.exists(WORK_DIR)
+    if not loc.exists("zarr.json"):
+        if interrupted:
             fail(f"store {p} is not complete (its run was interrupted while scattering rows); "
                  "finish it with `cache-acts run ... --resume` or recreate it with --overwrite")
         fail(f"no activation store at {p}; create one with `cache-acts run` or `cache-acts import`")
     try:
-        group = zarr.open_group(str(p), mode="r", zarr_format=3)
+        group = zarr.open_group(store=loc.zarr_store(read_only=True), mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any unreadable group is the user's to fix
         fail(f"cannot open {p} as a Zarr v3 group ({e}); recreate it with `cache-acts run`")
     raw = group.attrs.get(MANIFEST_KEY)
-    if raw is None and (p / WORK_DIR).is_dir():  # stopped before the group's first manifest
+    if raw is None and interrupted:  # stopped before the group's first manifest
         fail(f"store {p} is not complete (a run was interrupted); finish it with "
              "`cache-acts run ... --resume` or recreate it with --overwrite")
     if raw is None:
@@ -437,7 +445,7 @@ def open_store(path: str | Path, require_complete: bool = True) -> Store:
             f"store {p} is not complete (a run was interrupted); finish it with "
             "`cache-acts run ... --resume` or recreate it with --overwrite"
         )
-    store = Store(p, group, manifest)
+    store = Store(loc, group, manifest)
     if manifest.complete:
         store.check_shapes()
     return store

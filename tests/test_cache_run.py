@@ -176,7 +176,9 @@ def test_tokens_beyond_the_dataset(monkeypatch, capsys, data):
         (["--model", "random:/nonexistent/cfg.json"], "cannot read random-model config"),
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--tokens", "lots"], "cannot read count 'lots'"),
-        (["--out", "s3://bucket/store"], "is a URL; only local paths"),
+        (["--out", "nosuch://bucket/store"], "unknown URL scheme nosuch://"),
+        (["--out", "gs://bucket/store"], "gs:// needs the optional filesystem package; install "
+                                         "it with pip install 'sae-cache[gcs]'"),
     ],
 )
 def test_bad_run_input_is_one_line(monkeypatch, capsys, data, change, message):
