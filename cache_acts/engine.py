@@ -130,7 +130,7 @@ def _entries(out: Location, work: Path) -> set[str]:
     """The names in --out, leaving out the lock of the run that holds it, and TMP_DIR when the
     run's work folder (wherever it is) holds files."""
     names = set(out.list()) - {LOCK_FILE, TMP_DIR}
-    if work.is_dir() and any(work.iterdir()):
+    if work.is_dir() and {p.name for p in work.iterdir()} - {LOCK_FILE}:
         names.add(TMP_DIR)
     return names
 

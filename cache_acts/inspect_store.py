@@ -19,6 +19,7 @@ from shared.store import STORAGE_DTYPES, Manifest, Store, acts_path, checksum, o
 def _size_stored(where: Location) -> int:
     if where.local_path is not None:
         return sum(p.stat().st_size for p in where.local_path.rglob("*") if p.is_file())
+    where.fs.invalidate_cache()  # this process may have just written it (listings are cached)
     return int(where.fs.du(where.path()))
 
 

@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import typer
 import zarr
+from conftest import clear_fsspec_instances  # the s3_server and s3 fixtures live there
+from s3_server import CREDENTIALS, free_port
 
 from shared.errors import UserError, run_cli
 from shared.storage import (
@@ -31,65 +32,7 @@ from shared.storage import (
     scratch_dir,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from s3_server import CREDENTIALS, S3Server, free_port  # noqa: E402
-
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-@dataclass
-class S3Bucket:
-    server: S3Server
-    name: str
-
-    @property
-    def endpoint(self) -> str:
-        return self.server.endpoint
-
-    def url(self, path: str = "") -> str:
-        return f"s3://{self.name}/{path}" if path else f"s3://{self.name}"
-
-
-def _clear_fsspec_instances() -> None:
-    """fsspec caches one filesystem per set of options: drop them so that no test reuses a
-    client bound to another test's environment (endpoint, credentials)."""
-    from s3fs import S3FileSystem
-    from zarr.core.sync import sync
-
-    # The asynchronous instances FsspecStore made hold an aiohttp session on zarr's event loop
-    # that s3fs never closes (it registers its finalizer for synchronous instances only);
-    # close them there, or aiohttp warns "Unclosed client session" when they are collected.
-    for fs in list(S3FileSystem._cache.values()):
-        creator = getattr(fs, "_s3creator", None)
-        if fs.asynchronous and creator is not None:
-            sync(creator.__aexit__(None, None, None))
-    S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    with S3Server() as server:
-        yield server
-
-
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucket]:
-    """A fresh bucket on the session's moto server, with the environment pointing s3fs at it
-    (AWS_ENDPOINT_URL and test credentials, nothing from the user's own AWS set-up)."""
-    for var in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-                "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    for var, value in CREDENTIALS.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    _clear_fsspec_instances()
-    bucket = S3Bucket(s3_server, f"test-{uuid.uuid4().hex[:16]}")
-    s3_server.create_bucket(bucket.name)
-    yield bucket
-    _clear_fsspec_instances()
-    s3_server.delete_bucket(bucket.name)
 
 
 @pytest.fixture(params=["local", "file", "memory", "s3"])
@@ -260,7 +203,7 @@ def test_unreachable_endpoint_is_one_line_within_seconds(monkeypatch):
     for var, value in CREDENTIALS.items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    _clear_fsspec_instances()
+    clear_fsspec_instances()
     t0 = time.monotonic()
     with pytest.raises(UserError, match="cannot reach the storage server") as e:
         location("s3://bucket/store")

@@ -239,7 +239,9 @@ def test_failure_on_one_rank_stops_every_rank(store, tmp_path):
     code, output = torchrun(*sweep(bad, out, "--hook", "all", "--arch", "topk", "--width", "32",
                                    "--k", "4", "--batch-size", "64", "--device", "cpu"))
     lines = output.splitlines()
-    errors = {r: [x for x in lines if x.startswith(f"[default{r}]:error:")] for r in (0, 1)}
+    # a rank's line may follow another rank's progress bar, which ends without a newline
+    errors = {r: [x[x.index(f"[default{r}]:error:"):] for x in lines
+                  if f"[default{r}]:error:" in x] for r in (0, 1)}
     assert len(errors[1]) == 1 and "of hook 'b'" in errors[1][0], output
     assert "checksum" in errors[1][0]
     assert len(errors[0]) == 1, output

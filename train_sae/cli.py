@@ -22,6 +22,7 @@ import typer
 from shared import distributed
 from shared.atomic import check_out
 from shared.errors import fail, run_cli
+from shared.storage import location, parse_storage_options
 from train_sae.cli_eval import eval_command, report_command
 from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
 from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
@@ -34,7 +35,11 @@ EXIT_ALL_FAILED = 1
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train sparse autoencoders on a cached activation store.")
 
-Store = Annotated[Path, typer.Option(help="activation store written by cache-acts")]
+Store = Annotated[str, typer.Option(
+    help="activation store written by cache-acts: a local folder or an fsspec URL (s3://...)")]
+StorageOption = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="KEY=VALUE for a remote store's fsspec filesystem (repeatable; "
+    "VALUE is JSON when it parses), e.g. endpoint_url=http://127.0.0.1:9000")]
 Out = Annotated[Path, typer.Option(help="sweep folder: one sub-folder per SAE, plus sweep.json")]
 Hook = Annotated[list[str] | None, typer.Option(
     help="hook to train on; repeat for several, or `all` (default: the store's only hook)")]
@@ -91,18 +96,20 @@ FLAG_KEYS = {"k": "k", "k_aux": "k_aux", "aux_coefficient": "aux_coefficient",
              "lr_decay_frac": "lr_decay_frac", "grad_clip": "grad_clip", "resample": "resample"}
 
 
-def _train(single: bool, store: Path, out: Path, hook: list[str] | None, tokens: int | None,
-           batch_size: int, device: str, seed: int, resume: bool, overwrite: bool,
-           checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
-           data_parallel: bool, config: Path | None, arch: str | None, width: str | None,
-           expansion: str | None, param: list[str] | None, resample_at: str | None,
-           flags: dict[str, str | None]) -> None:
+def _train(single: bool, store: str, storage_option: list[str] | None, out: Path,
+           hook: list[str] | None, tokens: int | None, batch_size: int, device: str, seed: int,
+           resume: bool, overwrite: bool, checkpoint_every: int, log_every: int,
+           wandb_project: str | None, normalize: bool, data_parallel: bool, config: Path | None,
+           arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
+           resample_at: str | None, flags: dict[str, str | None]) -> None:
     check_out(out)
-    cfg = TrainConfig(store=str(store), out=str(out), hooks=tuple(hook or ()), tokens=tokens,
+    options = parse_storage_options(storage_option or [])
+    location(store, options, option="--store")  # a remote store is reachable (one quick probe)
+    cfg = TrainConfig(store=store, out=str(out), hooks=tuple(hook or ()), tokens=tokens,
                       batch_size=batch_size, device=device, seed=seed,
                       checkpoint_every=checkpoint_every, log_every=log_every,
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
-                      normalize=normalize, data_parallel=data_parallel)
+                      normalize=normalize, data_parallel=data_parallel, storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
     values = {FLAG_KEYS[f]: parse_list(v, _flag(f), option_type(FLAG_KEYS[f]))
               for f, v in flags.items() if v is not None}
@@ -166,7 +173,8 @@ def _train_command(single: bool):
     """The `sweep` command, or `run` (`single`: the options must describe exactly one SAE)."""
 
     def command(
-        store: Store, out: Out, hook: Hook = None, tokens: Tokens = None,
+        store: Store, out: Out, hook: Hook = None, storage_option: StorageOption = None,
+        tokens: Tokens = None,
         batch_size: BatchSize = 4096, device: Device = "auto", seed: Seed = 0,
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = 0,
         log_every: LogEvery = 100, wandb_project: Wandb = None, normalize: Normalize = True,
@@ -180,9 +188,9 @@ def _train_command(single: bool):
         flags = dict(k=k, k_aux=k_aux, aux_coefficient=aux_coefficient, l1=l1, l0=l0, lr=lr,
                      beta1=beta1, beta2=beta2, lr_warmup_steps=lr_warmup_steps,
                      lr_decay_frac=lr_decay_frac, grad_clip=grad_clip, resample=resample)
-        _train(single, store, out, hook, tokens, batch_size, device, seed, resume, overwrite,
-               checkpoint_every, log_every, wandb_project, normalize, data_parallel, config, arch,
-               width, expansion, param, resample_at, flags)
+        _train(single, store, storage_option, out, hook, tokens, batch_size, device, seed, resume,
+               overwrite, checkpoint_every, log_every, wandb_project, normalize, data_parallel,
+               config, arch, width, expansion, param, resample_at, flags)
 
     return command
 

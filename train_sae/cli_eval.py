@@ -24,7 +24,10 @@ def eval_command(
              "(default: the store's model)")] = None,
     store: Annotated[str | None, typer.Option(
         help="where the sweep's store is now, if it moved (checked by content against the "
-             "store the sweep was trained on)")] = None,
+             "store the sweep was trained on): a folder or an fsspec URL")] = None,
+    storage_option: Annotated[list[str] | None, typer.Option(
+        "--storage-option", help="KEY=VALUE for a remote store's fsspec filesystem "
+        "(repeatable)")] = None,
     dataset: Annotated[str | None, typer.Option(
         help="hub dataset or local text/jsonl/parquet file or folder (default: the store's)")] = None,
     text_column: Annotated[str | None, typer.Option(help="text column to tokenize")] = None,
@@ -56,6 +59,7 @@ def eval_command(
     import torch
 
     from shared import distributed
+    from shared.storage import parse_storage_options
     from train_sae.eval_sweep import EvalOptions, evaluate_path, format_table
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,7 +70,8 @@ def eval_command(
                            prepend_bos=bos, drop_special=drop_special,
                            first_position=first_position, n_tokens=n_tokens,
                            batch_size=batch_size, device=world.device(device),
-                           mean_source=ablation_mean)
+                           mean_source=ablation_mean,
+                           storage_options=parse_storage_options(storage_option or []))
         results = evaluate_path(path, opts, world)
         if world.is_main:
             first = next(iter(results.values()))

@@ -122,7 +122,7 @@ class MemberConfig:
 class TrainConfig:
     """Settings shared by every member of a sweep (one store, one stream of batches)."""
 
-    store: str
+    store: str  # a local folder or any fsspec URL
     out: str
     hooks: tuple[str, ...] = ()  # hooks to train on; () = the store's only hook, ("all",) = all
     tokens: int | None = None  # training budget; None: every row of the store once
@@ -140,6 +140,8 @@ class TrainConfig:
     # under torchrun: train every member on every rank, each rank on its share of every batch
     # (gradients averaged), instead of spreading the members over the ranks
     data_parallel: bool = False
+    # --storage-option: how to reach a remote store (fsspec filesystem kwargs), not a setting
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from shared.distributed import LOCAL, World, balance
 from shared.errors import fail
 from shared.fingerprint import same, short
 from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
+from shared.storage import location
 from shared.store import Manifest, Store, open_store, store_fingerprint
 from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
 from train_sae.evaluate import SpliceTarget, hook_means, splice_eval, start_layer
@@ -64,6 +65,7 @@ class EvalOptions:
     device: str = "cpu"
     mean_source: str = "store"  # mean-ablation vector: the store's stats mean or the eval tokens'
     progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)  # to reach a remote store
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1:
@@ -331,14 +333,18 @@ def check_members(members: list[EvalMember], loaded: LoadedModel, doc: dict[str,
     return how
 
 
-def find_store(doc: dict[str, Any], given: str | None) -> Store | None:
-    """The store the sweep was trained on: --store, else the path in sweep.json if it is still
-    there; checked by content against the sweep's record (a store replaced at the same path
-    refuses)."""
+def find_store(doc: dict[str, Any], given: str | None, options: dict[str, Any]
+               ) -> Store | None:
+    """The store the sweep was trained on: --store, else the path or URL in sweep.json if it
+    is still there; checked by content against the sweep's record (a store replaced at the
+    same path refuses)."""
     path = given or doc.get("store")
-    if not path or (given is None and not Path(path).exists()):
+    if not path:
         return None
-    store = open_store(path)
+    where = location(path, options, option="--store")
+    if given is None and not where.exists("zarr.json"):
+        return None
+    store = open_store(where)
     recorded = doc.get("store_fingerprint")
     if recorded is not None and not same(recorded, store_fingerprint(store.manifest)):
         fail(f"the store at {path} is not the one the sweep was trained on (content "
@@ -372,7 +378,7 @@ def evaluate_path(path: str | Path, opts: EvalOptions, world: World = LOCAL
               "eval splices single-hook SAEs only; their per-hook FVU and L0 from training are "
               "in metrics.json and `train-sae report`", file=sys.stderr)
     doc = sweep_document(path)
-    store = find_store(doc, opts.store)
+    store = find_store(doc, opts.store, opts.storage_options)
     manifest = store.manifest if store is not None else None
     spec = resolve_tokens(opts, manifest)
     loaded = resolve_model(opts, manifest)

@@ -30,11 +30,14 @@ import numpy as np
 import torch
 
 from shared.errors import UserError, fail
+from shared.storage import ReadAhead
 from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, count_nonfinite
 
 THREAD_NAME = "ActivationLoader"
 _POLL_S = 0.1  # how often a thread blocked on the queue checks for a stop request
 _OPEN_MAPS = 8  # memory-maps kept open per loader (each holds a file descriptor)
+READ_AHEAD = 8  # row chunks fetched ahead (and held at most) by a compressed or remote store's reader
+_PLAN_AHEAD = 1024  # batches whose chunks are queued ahead, at most
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,15 @@ class _MemmapReader:
         self._maps: OrderedDict[tuple[str, int], np.memmap] = OrderedDict()
         self.verifier = verifier
 
+    def plan(self, batch: int) -> None:
+        """Memory-maps need no read-ahead (the OS pages them in)."""
+
+    def lookahead_wanted(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._maps.clear()
+
     def read(self, hook: str, seg: Segment) -> np.ndarray:
         key = (hook, seg.chunk)
         if key not in self._maps:
@@ -157,29 +169,54 @@ class _MemmapReader:
 
 
 class _ZarrReader:
-    """Rows of a (compressed) store through the Zarr API, decoding each chunk once per visit."""
+    """Rows of a compressed or remote store through the Zarr API, each row chunk decoded once
+    per visit. The chunks of the batches ahead are fetched in parallel on `READ_AHEAD` threads
+    (at most that many held at once), so a remote store's round trips overlap: `plan(batch)`
+    queues a batch's chunks in the order `read` will ask for them."""
 
-    def __init__(self, store: Store, verifier: ChunkVerifier):
-        self.store = store
+    def __init__(self, store: Store, verifier: ChunkVerifier, plan: BatchPlan, hooks: list[str]):
+        self.store, self.verifier, self.batch_plan, self.hooks = store, verifier, plan, hooks
         self._chunk: dict[str, tuple[int, np.ndarray]] = {}  # hook -> (chunk, its decoded rows)
-        self.verifier = verifier
+        self._planned: dict[str, int] = {}  # hook -> the last chunk queued
+        self.ahead: ReadAhead[tuple[str, int], np.ndarray] = ReadAhead(self._fetch, READ_AHEAD)
+
+    def plan(self, batch: int) -> None:
+        keys = []
+        for seg in self.batch_plan.segments(batch):
+            for hook in self.hooks:
+                if self._planned.get(hook) != seg.chunk:  # a new visit to a chunk
+                    self._planned[hook] = seg.chunk
+                    keys.append((hook, seg.chunk))
+        self.ahead.prefetch(keys)
+
+    def lookahead_wanted(self) -> bool:
+        """Fewer chunks queued than the read-ahead can fetch: plan another batch."""
+        return self.ahead.pending() < 2 * READ_AHEAD
 
     def read(self, hook: str, seg: Segment) -> np.ndarray:
         cached = self._chunk.get(hook)
         if cached is None or cached[0] != seg.chunk:
-            rows = self.store.manifest.chunk_rows
-            lo = seg.chunk * rows
-            hi = min(lo + rows, self.store.n_rows)
-            try:
-                data = np.asarray(self.store.acts(hook)[lo:hi])
-            except Exception as e:  # noqa: BLE001 - any failure to decode is a damaged store
-                raise UserError(
-                    f"cannot read rows {lo}-{hi} of hook {hook!r} from {self.store.path} ({e}); "
-                    "the store is damaged: recreate it with `cache-acts run --overwrite`"
-                ) from e
-            self.verifier.check(hook, seg.chunk, data)
-            cached = self._chunk[hook] = (seg.chunk, data)
+            cached = self._chunk[hook] = (seg.chunk, self.ahead.get((hook, seg.chunk)))
         return cached[1][seg.start : seg.start + seg.n]
+
+    def _fetch(self, key: tuple[str, int]) -> np.ndarray:
+        hook, chunk = key
+        rows = self.store.manifest.chunk_rows
+        lo = chunk * rows
+        hi = min(lo + rows, self.store.n_rows)
+        try:
+            data = np.asarray(self.store.acts(hook)[lo:hi])
+        except Exception as e:  # noqa: BLE001 - any failure to decode is a damaged store
+            raise UserError(
+                f"cannot read rows {lo}-{hi} of hook {hook!r} from {self.store.path} ({e}); "
+                "the store is damaged or unreachable: check it with `cache-acts verify` and "
+                "recreate it with `cache-acts run --overwrite`"
+            ) from e
+        self.verifier.check(hook, chunk, data)
+        return data
+
+    def close(self) -> None:
+        self.ahead.close()
 
 
 def _decode_into(src: np.ndarray, dst: np.ndarray, dtype: str, scale: float) -> None:
@@ -305,12 +342,17 @@ class ActivationLoader:
 
     def batch(self, i: int) -> dict[str, torch.Tensor]:
         """Batch i on the host (pinned for CUDA), built synchronously on the calling thread."""
-        return self._build(i, self._reader())
+        reader = self._reader()
+        try:
+            reader.plan(i)
+            return self._build(i, reader)
+        finally:
+            reader.close()
 
     def _reader(self) -> _MemmapReader | _ZarrReader:
         if self.store.memmappable():
             return _MemmapReader(self.store, self.verifier)
-        return _ZarrReader(self.store, self.verifier)
+        return _ZarrReader(self.store, self.verifier, self.plan, self.hooks)
 
     def _build(self, i: int, reader: _MemmapReader | _ZarrReader) -> dict[str, torch.Tensor]:
         dtype = self.store.manifest.dtype
@@ -330,14 +372,21 @@ class ActivationLoader:
         self, reader: _MemmapReader | _ZarrReader, first: int, handoff: queue.Queue,
         stop: threading.Event,
     ) -> None:
+        planned = first  # batches whose chunks the reader has queued
         try:
             for i in range(first, self.n_batches):
                 if stop.is_set():
                     return
+                while planned < min(self.n_batches, i + _PLAN_AHEAD) and (
+                        planned <= i or reader.lookahead_wanted()):
+                    reader.plan(planned)
+                    planned += 1
                 if not _put(handoff, self._build(i, reader), stop):
                     return
         except BaseException as e:  # noqa: BLE001 - every failure is re-raised in the consumer
             _put(handoff, _Failure(e), stop)
+        finally:
+            reader.close()
 
 
 def _get(handoff: queue.Queue, stop: threading.Event, thread: threading.Thread) -> object:

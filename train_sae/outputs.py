@@ -27,6 +27,7 @@ from shared.atomic import atomic_write_text
 from shared.errors import fail
 from shared.fingerprint import short
 from shared.lock import LOCK_FILE
+from shared.storage import as_location
 from shared.store import Manifest, store_fingerprint
 from train_sae.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from train_sae.config import MemberConfig, TrainConfig
@@ -111,17 +112,24 @@ def write_member_json(out: Path, m: Member, dims: dict[str, int], batch_size: in
     write_json(out / m.name / METRICS_JSON, doc)
 
 
+def store_name(store: str) -> str:
+    """How sweep.json names the store: its resolved local path, or its URL."""
+    loc = as_location(store)
+    return str(loc.local_path.resolve()) if loc.local_path is not None else loc.url
+
+
 def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, int],
                       manifest: Manifest, total_steps: int, members: list[MemberConfig]
                       ) -> dict[str, Any]:
     # how the sweep is run (resuming, over how many ranks) is not a setting: the same sweep
     settings = {k: v for k, v in cfg.to_dict().items()
-                if k not in ("resume", "overwrite", "out", "store", "data_parallel")}
+                if k not in ("resume", "overwrite", "out", "store", "data_parallel",
+                             "storage_options")}
     # eval checks its model by content; None = imported activations (no model to check)
     model_fp = ({"model_fingerprint": manifest.fingerprints["model"]}
                 if "model" in manifest.fingerprints else {})
     return {
-        "store": str(Path(cfg.store).resolve()),
+        "store": store_name(cfg.store),
         # the store by content: a --resume or an eval on another store under this path refuses
         "store_fingerprint": store_fingerprint(manifest),
         "dataset_fingerprint": manifest.fingerprints.get("dataset"), **model_fp,

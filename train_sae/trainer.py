@@ -42,6 +42,7 @@ import torch
 from shared.distributed import LOCAL, World, balance
 from shared.errors import fail
 from shared.lock import exclusive
+from shared.storage import location
 from shared.store import Store, open_store
 from train_sae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from train_sae.config import ALL_HOOKS, MemberConfig, TrainConfig
@@ -76,7 +77,7 @@ class Plan:
 
 def prepare(cfg: TrainConfig, world: World = LOCAL) -> Plan:
     """Open the store, choose the hooks and device, and turn the token budget into steps."""
-    store = open_store(cfg.store)
+    store = open_store(location(cfg.store, cfg.storage_options, option="--store", check=False))
     hooks = choose_hooks(store, cfg.hooks)
     if cfg.batch_size > store.n_rows:
         fail(f"--batch-size {cfg.batch_size} is larger than the store's {store.n_rows} rows; "
