@@ -137,17 +137,16 @@ class BucketFiles:
         for rank in range(self.n_ranks):
             self.path(bucket, rank).unlink(missing_ok=True)
 
-    def mapped(self, bucket: int, rows_per_rank: list[int]) -> np.ndarray:
-        """Bucket `bucket` as read-only records in source order: one rank's part memory-mapped
-        as it is (no copy), several merged by their global row index (each part is in source
-        order already, so a stable sort of the concatenation is a merge)."""
+    def mapped(self, bucket: int, rows_per_rank: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Bucket `bucket` as read-only records and the order that puts them in source order
+        (None: they are in it). One rank's part is memory-mapped as it is (no copy); several
+        are concatenated (one copy) and ordered by their global row index (each part is in
+        source order already, so the stable argsort is a merge)."""
         parts = [self._map(self.path(bucket, r), n) for r, n in enumerate(rows_per_rank) if n]
-        if len(parts) == 1:
-            return parts[0]
-        if not parts:
-            return np.empty(0, dtype=self.rec)
+        if len(parts) <= 1:
+            return (parts[0] if parts else np.empty(0, dtype=self.rec)), None
         rows = np.concatenate(parts)
-        return rows[np.argsort(rows[ROW_FIELD], kind="stable")]
+        return rows, np.argsort(rows[ROW_FIELD], kind="stable")
 
     def _map(self, path: Path, n_rows: int) -> np.ndarray:
         """A part as read-only records [n_rows], memory-mapped (unmapped when the array is
@@ -190,8 +189,10 @@ def iter_chunks(
         if first + n <= start_row or n == 0:
             first += n
             continue
-        rows = files.mapped(b, [parts[b] for parts in bucket_rows])
+        rows, order = files.mapped(b, [parts[b] for parts in bucket_rows])
         perm = bucket_permutation(seed, b, n)[max(start_row - first, 0):n_rows - first]
+        if order is not None:  # positions in source order -> positions in the merged parts
+            perm = order[perm]
         first += n
         while len(perm):
             take = min(len(perm), len(chunk) - filled)
@@ -205,5 +206,5 @@ def iter_chunks(
                 filled = 0
                 remaining = n_rows - index * chunk_rows
                 chunk = np.empty(min(chunk_rows, max(remaining, 0)), dtype=files.rec)
-        del rows
+        del rows, order
     assert filled == 0 and index * chunk_rows >= n_rows

@@ -90,6 +90,23 @@ def tiny_model_json_with_tokenizer(tmp_path: Path, tiny_tokenizer_dir: Path) -> 
     return path
 
 
+TINY_MODEL = dict(n_layers=2, d_model=32, d_mlp=64, n_heads=4, d_head=8, d_vocab=100, n_ctx=32,
+                  act_fn="gelu", normalization_type="LN", seed=0)
+
+
+def write_tiny_run_inputs(root: Path, context_size: int, n_seq: int = 40) -> Path:
+    """`root/tiny.json` (a 2-layer random model for `--model random:...`) and `root/tok.parquet`
+    (`n_seq` pre-tokenized rows of `context_size` ids in column `ids`); returns root."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "tiny.json").write_text(json.dumps(TINY_MODEL))
+    ids = np.random.default_rng(0).integers(0, 100, size=(n_seq, context_size))
+    pq.write_table(pa.table({"ids": ids.tolist()}), root / "tok.parquet")
+    return root
+
+
 def tiny_docs(n_docs: int = 6, seed: int = 0) -> list[list[int]]:
     """Documents of varying length made of ids 4..TINY_VOCAB-1 (deterministic)."""
     import random

@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import invoke
+from conftest import invoke, write_tiny_run_inputs
 
 from cache_acts.cli import main
 from cache_acts.state import STATE_FILE, TMP_DIR
@@ -29,16 +27,11 @@ ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 CTX = 16
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-TINY = dict(n_layers=2, d_model=32, d_mlp=64, n_heads=4, d_head=8, d_vocab=100, n_ctx=32,
-            act_fn="gelu", normalization_type="LN", seed=0)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache_dist")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    ids = np.random.default_rng(0).integers(0, 100, size=(40, CTX))
-    pq.write_table(pa.table({"ids": ids.tolist()}), root / "tok.parquet")
+    root = write_tiny_run_inputs(tmp_path_factory.mktemp("cache_dist"), CTX)
     np.save(root / "acts.npy", np.random.default_rng(1).normal(size=(1500, 24)).astype("<f4"))
     return root
 

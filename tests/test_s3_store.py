@@ -9,11 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import zarr
-from conftest import invoke
+from conftest import invoke, write_tiny_run_inputs
 
 from cache_acts import engine
 from cache_acts.cli import main as cache_main
@@ -22,17 +20,11 @@ from train_sae.cli import main as train_main
 
 CTX = 16
 HOOK = "blocks.0.hook_resid_post"
-TINY = dict(n_layers=1, d_model=32, d_mlp=64, n_heads=4, d_head=8, d_vocab=100, n_ctx=32,
-            act_fn="gelu", normalization_type="LN", seed=0)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("s3data")
-    (root / "tiny.json").write_text(json.dumps(TINY))
-    ids = np.random.default_rng(0).integers(0, 100, size=(40, CTX))
-    pq.write_table(pa.table({"ids": ids.tolist()}), root / "tok.parquet")
-    return root
+    return write_tiny_run_inputs(tmp_path_factory.mktemp("s3data"), CTX)
 
 
 def run_args(root: Path, out: str, *extra: str) -> list[str]:
