@@ -1,6 +1,7 @@
 """pipelines/bench_scale.sh --quick: every measurement is in the JSON with positive numbers, and
 every identity check passed (2-rank store and weights equal to one process's, the S3 store
-equal to the local one, the sharded and chunk-per-object stores holding the same rows)."""
+equal to the local one, the sharded and chunk-per-object stores holding the same rows).
+Slow: seven tool runs of a few seconds each, 35-50 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
-NAMES = ["cache_run", "cache_wall", "sweep_wall", "sweep_wall_1thread", "loader", "cache_s3",
-         "objects", "bytes"]
+NAMES = ["cache_run", "cache_wall", "sweep_wall", "sweep_train", "sweep_train_1thread", "loader",
+         "cache_s3", "objects", "bytes"]
 
 
+@pytest.mark.slow
 def test_quick_scale_benchmark(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "pipelines" / "bench_scale.sh"), "--quick",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -169,8 +169,8 @@ class _MemmapReader:
 
 
 class _ZarrReader:
-    """Rows of a compressed or remote store through the Zarr API, each row chunk decoded once
-    per visit. The chunks of the batches ahead are fetched in parallel on `READ_AHEAD` threads
+    """Rows of a compressed store through the Zarr API, or of a remote uncompressed one by
+    ranged reads at the offsets of its shard indexes; each row chunk read once per visit. The chunks of the batches ahead are fetched in parallel on `READ_AHEAD` threads
     (at most that many held at once), so a remote store's round trips overlap: `plan(batch)`
     queues a batch's chunks in the order `read` will ask for them."""
 
@@ -205,7 +205,12 @@ class _ZarrReader:
         lo = chunk * rows
         hi = min(lo + rows, self.store.n_rows)
         try:
-            data = np.asarray(self.store.acts(hook)[lo:hi])
+            if self.store.manifest.compression in (None, "none"):  # a remote uncompressed store
+                data = self.store.read_chunk(hook, chunk)  # one ranged request
+            else:
+                data = np.asarray(self.store.acts(hook)[lo:hi])
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to decode is a damaged store
             raise UserError(
                 f"cannot read rows {lo}-{hi} of hook {hook!r} from {self.store.path} ({e}); "
