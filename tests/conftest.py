@@ -320,3 +320,16 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Bucke
     yield bucket
     clear_fsspec_instances()
     s3_server.delete_bucket(bucket.name)
+
+
+def store_objects(root: str) -> dict[str, bytes]:
+    """Every object below a store root (a local folder or an s3:// URL), by relative key."""
+    from shared.storage import location
+
+    loc = location(root, check=False)
+    if loc.local_path is not None:
+        return {p.relative_to(loc.local_path).as_posix(): p.read_bytes()
+                for p in loc.local_path.rglob("*") if p.is_file()}
+    fs = loc.fs
+    fs.invalidate_cache()
+    return {key[len(loc.root) + 1:]: fs.cat_file(key) for key in fs.find(loc.root)}

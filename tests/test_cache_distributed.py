@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import invoke, write_tiny_run_inputs
+from conftest import invoke, store_objects, write_tiny_run_inputs
 
 from cache_acts.cli import main
 from cache_acts.state import STATE_FILE, TMP_DIR
@@ -70,7 +70,8 @@ def torchrun_cmd(args: list[str], n: int = 2, port: int | None = None, node: int
 
 def torchrun(args: list[str], n: int = 2, env: dict | None = None, fault: bool = False
              ) -> tuple[int, str]:
-    run = subprocess.run(torchrun_cmd(args, n, fault=fault), env={**ENV, **(env or {})},
+    environ = {**os.environ, **ENV, **(env or {})}  # the S3 fixture's variables too
+    run = subprocess.run(torchrun_cmd(args, n, fault=fault), env=environ,
                          capture_output=True, text=True, timeout=300)
     return run.returncode, run.stdout + run.stderr
 
@@ -118,6 +119,19 @@ def test_two_ranks_write_the_one_process_store(data, one_process, tmp_path, comm
     same_folder(one_process[command], out)
     assert not (out / TMP_DIR).exists()
     assert output.count("cached 500 tokens" if command == "run" else "imported 1,500 rows") == 1
+
+
+def test_two_ranks_write_to_an_object_store(data, one_process, s3, tmp_path):
+    """2 ranks caching to s3:// (their work folder local) write the one-process store, object
+    for object; a missing bucket is one line and exit 2 on both ranks."""
+    out = s3.url("two-ranks")
+    code, output = torchrun(run_args(data, out, "--tmp-dir", str(tmp_path / "work")))
+    assert code == 0, output
+    assert store_objects(out) == store_objects(str(one_process["run"]))
+    code, output = torchrun(run_args(data, "s3://no-such-bucket-here/x"))
+    assert code == 1 and output.count("exitcode  : 2") == 2, output
+    lines = error_lines(output)
+    assert len(lines) == 2 and all("no-such-bucket-here" in line for line in lines), output
 
 
 def test_two_nodes_write_the_one_process_store(data, one_process, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import invoke, write_tiny_run_inputs
+from conftest import invoke, store_objects, write_tiny_run_inputs
 
 from cache_acts import engine
 from cache_acts.cli import main as cache_main
@@ -45,17 +45,6 @@ def train(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return invoke(train_main, "train-sae", monkeypatch, capsys, *args)
 
 
-def objects(root: str) -> dict[str, bytes]:
-    """Every object below a store root (a local folder or an s3:// URL), by relative key."""
-    loc = location(root, check=False)
-    if loc.local_path is not None:
-        return {p.relative_to(loc.local_path).as_posix(): p.read_bytes()
-                for p in loc.local_path.rglob("*") if p.is_file()}
-    fs = loc.fs
-    fs.invalidate_cache()
-    return {key[len(loc.root) + 1:]: fs.cat_file(key) for key in fs.find(loc.root)}
-
-
 def one_error(code: int, err: str, *words: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -70,8 +59,8 @@ def test_a_store_cached_to_s3_equals_the_local_one_and_trains_the_same(
         code, _, err = cache(monkeypatch, capsys, *run_args(data, out),
                              "--tmp-dir", str(tmp_path / "work"))
         assert code == 0, err
-    assert objects(remote) == objects(local)  # every shard, every zarr.json, byte for byte
-    shards = [k for k in objects(remote) if k.startswith(f"acts/{HOOK}/c/")]
+    assert store_objects(remote) == store_objects(local)  # every shard, every zarr.json, byte for byte
+    shards = [k for k in store_objects(remote) if k.startswith(f"acts/{HOOK}/c/")]
     assert len(shards) == 4
     assert not any((tmp_path / "work").iterdir())  # the work folder is cleaned up
     code, out, _ = cache(monkeypatch, capsys, "verify", remote)
@@ -122,10 +111,10 @@ def test_a_remote_run_resumes_from_its_local_work_folder(data, s3, tmp_path, mon
     one_error(code, err, "already exists; pass --resume")
     code, _, err = cache(monkeypatch, capsys, *run_args(data, remote, "--resume"), *work)
     assert code == 0, err
-    assert objects(remote) == objects(local)
+    assert store_objects(remote) == store_objects(local)
     code, _, err = cache(monkeypatch, capsys, *run_args(data, remote, "--overwrite"), *work)
     assert code == 0, err
-    assert objects(remote) == objects(local)
+    assert store_objects(remote) == store_objects(local)
 
 
 def test_import_to_s3_equals_the_local_import(s3, tmp_path, monkeypatch, capsys):
@@ -135,7 +124,7 @@ def test_import_to_s3_equals_the_local_import(s3, tmp_path, monkeypatch, capsys)
     for out in (str(tmp_path / "local"), s3.url("imported")):
         code, _, err = cache(monkeypatch, capsys, *args, out)
         assert code == 0, err
-    assert objects(s3.url("imported")) == objects(str(tmp_path / "local"))
+    assert store_objects(s3.url("imported")) == store_objects(str(tmp_path / "local"))
     group = zarr.open_group(store=location(s3.url("imported")).zarr_store(), mode="r")
     assert group["acts/h"].shape == (700, 12)
 
