@@ -31,7 +31,7 @@ TmpDir = Annotated[str | None, typer.Option(help=(
 Seed = Annotated[int, typer.Option(help="Seed of the shuffle (the same seed gives the same store).")]
 Dtype = Annotated[str, typer.Option(help="Stored dtype: float32, float16 or bfloat16 (kept as uint16 bits).")]
 Compression = Annotated[str, typer.Option(
-    help="none (chunk files can be memory-mapped), zstd or zstd:LEVEL (1-22).")]
+    help="none (the trainer memory-maps chunks in their shards), zstd or zstd:LEVEL (1-22).")]
 ChunkRows = Annotated[int, typer.Option(help="Rows per chunk of every array.")]
 ShardRows = Annotated[str | None, typer.Option(
     help="Rows per shard object (Zarr v3 sharding), a multiple of --chunk-rows (e.g. 256k). "
