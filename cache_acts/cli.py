@@ -64,7 +64,7 @@ def check_compression(text: str) -> str | None:
 
 
 def _count_or_none(text: str | None) -> int | None:
-    from cache_acts.units import parse_count
+    from shared.units import parse_count
 
     return None if text is None else parse_count(text)
 
@@ -122,8 +122,8 @@ def run(
 
     from cache_acts.inspect_store import info
     from cache_acts.run import RunConfig, run_cache
-    from cache_acts.units import parse_count, parse_size
     from shared.tokens import TokenSpec
+    from shared.units import parse_count, parse_size
 
     _modes(resume, overwrite)
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +176,7 @@ def import_command(
     from cache_acts.importer import ImportConfig, import_files
     from cache_acts.inspect_store import info
     from cache_acts.model_list import check_hook_name
-    from cache_acts.units import parse_size
+    from shared.units import parse_size
 
     _modes(resume, overwrite)
     check_hook_name(hook)

@@ -18,12 +18,12 @@ import torch
 from cache_acts.engine import Job, run_job, work_dir
 from cache_acts.model_list import check_hook_name
 from cache_acts.rows import RowBatch
-from cache_acts.units import MiB
 from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.fingerprint import files_fingerprint
 from shared.storage import Location, as_location
 from shared.store import Manifest, check_dtype, resolve_shard_rows, to_storage
+from shared.units import MiB
 
 READ_BYTES = 32 * MiB  # rows read per step
 

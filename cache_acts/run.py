@@ -15,7 +15,6 @@ import torch
 from cache_acts.engine import Job, run_job, work_dir
 from cache_acts.model_list import ModelChoice, check_shared_tokenizer, model_label, parse_models
 from cache_acts.rows import RowBatch
-from cache_acts.units import MiB
 from shared.distributed import LOCAL, World
 from shared.errors import check_seed, fail
 from shared.models import LoadedModel, capture, check_context_size, hook_dims, load_model
@@ -28,6 +27,7 @@ from shared.tokens import (
     kept_positions,
     source_fingerprint,
 )
+from shared.units import MiB
 
 
 @dataclass

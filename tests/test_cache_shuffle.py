@@ -17,8 +17,8 @@ from cache_acts.shuffle import (
     iter_chunks,
     last_chunk_of_buckets,
 )
-from cache_acts.units import parse_count, parse_size
 from shared.errors import UserError
+from shared.units import parse_count, parse_size
 
 
 def test_bucket_of_is_uniform_and_batching_independent():

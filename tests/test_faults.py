@@ -660,7 +660,7 @@ PREWARMED = """
 import pathlib, sys, time
 tool, ready, go = sys.argv[1:4]
 if tool == "cache-acts":
-    import cache_acts.importer, cache_acts.inspect_store, cache_acts.run, cache_acts.units
+    import cache_acts.importer, cache_acts.inspect_store, cache_acts.run, shared.units
     from cache_acts.cli import main
 else:
     from train_sae.cli import main

@@ -39,6 +39,7 @@ def base(store, out):
     (["--arch", "topk,relu", "--width", 8], "trains one SAE but the options describe 2"),
     (["--arch", "topk", "--width", 8, "--k", "4.5"], "--k takes whole numbers"),
     (["--arch", "topk", "--width", 8, "--tokens", 10], "at least one batch"),
+    (["--arch", "topk", "--width", 8, "--tokens", "lots"], "cannot read count 'lots'"),
     (["--arch", "topk", "--width", 8, "--param", "bandwidth"], "NAME=V1,V2"),
     (["--arch", "topk", "--width", 8, "--lr", "-1"], "--lr must be a positive number"),
     (["--width", 8], "no architecture given"),
@@ -75,8 +76,8 @@ def test_incomplete_and_multi_hook_stores(tmp_path, monkeypatch, capsys):
 
 def test_run_then_refuse_overwrite_resume_and_toml(store, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    args = [*base(store, out), "--arch", "topk", "--width", 16, "--k", 2, "--tokens", 2048,
-            "--log-every", 4]
+    args = [*base(store, out), "--arch", "topk", "--width", 16, "--k", 2, "--tokens", "2.048k",
+            "--log-every", 4]  # 2048 tokens: 16 steps of 128
     code, stdout, err = cli(monkeypatch, capsys, "run", *args)
     assert code == 0, err
     assert stdout.startswith("done   topk-w16-k2-lr")

@@ -23,6 +23,7 @@ from shared import distributed
 from shared.atomic import check_out
 from shared.errors import fail, run_cli
 from shared.storage import location, parse_storage_options
+from shared.units import parse_count
 from train_sae.cli_eval import eval_command, report_command
 from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
 from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
@@ -43,7 +44,8 @@ StorageOption = Annotated[list[str] | None, typer.Option(
 Out = Annotated[Path, typer.Option(help="sweep folder: one sub-folder per SAE, plus sweep.json")]
 Hook = Annotated[list[str] | None, typer.Option(
     help="hook to train on; repeat for several, or `all` (default: the store's only hook)")]
-Tokens = Annotated[int | None, typer.Option(help="training tokens (default: every row once)")]
+Tokens = Annotated[str | None, typer.Option(
+    help="training tokens, e.g. 50M or 2e8 (default: every row once)")]
 BatchSize = Annotated[int, typer.Option(help="activations per training step")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 Seed = Annotated[int, typer.Option(help="seed for SAE init and batch order")]
@@ -97,7 +99,7 @@ FLAG_KEYS = {"k": "k", "k_aux": "k_aux", "aux_coefficient": "aux_coefficient",
 
 
 def _train(single: bool, store: str, storage_option: list[str] | None, out: Path,
-           hook: list[str] | None, tokens: int | None, batch_size: int, device: str, seed: int,
+           hook: list[str] | None, tokens: str | None, batch_size: int, device: str, seed: int,
            resume: bool, overwrite: bool, checkpoint_every: int, log_every: int,
            wandb_project: str | None, normalize: bool, data_parallel: bool, config: Path | None,
            arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
@@ -105,7 +107,8 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
     check_out(out)
     options = parse_storage_options(storage_option or [])
     location(store, options, option="--store")  # a remote store is reachable (one quick probe)
-    cfg = TrainConfig(store=store, out=str(out), hooks=tuple(hook or ()), tokens=tokens,
+    cfg = TrainConfig(store=store, out=str(out), hooks=tuple(hook or ()),
+                      tokens=parse_count(tokens) if tokens is not None else None,
                       batch_size=batch_size, device=device, seed=seed,
                       checkpoint_every=checkpoint_every, log_every=log_every,
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
