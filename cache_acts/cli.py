@@ -63,6 +63,32 @@ def check_compression(text: str) -> str | None:
     return text
 
 
+def import_hooks(given: list[str], files: list[Path]) -> dict[str, list[Path]]:
+    """`cache-acts import`'s hooks: `--hook NAME FILE...`, or `--hook NAME=FILE[,FILE...]`
+    repeated."""
+    pairs = [h for h in given if "=" in h]
+    if not given:
+        fail("--hook is missing; pass --hook NAME with files, or --hook NAME=FILE[,FILE...]")
+    if not pairs:
+        if len(given) > 1:
+            fail(f"--hook is given {len(given)} times without files; give each hook its files "
+                 "as --hook NAME=FILE[,FILE...]")
+        if not files:
+            fail(f"no input files for --hook {given[0]}; list .npy or .safetensors files")
+        return {given[0]: files}
+    if len(pairs) < len(given) or files:
+        fail("mix of --hook NAME with FILES and --hook NAME=FILE: use one form, "
+             "--hook NAME=FILE[,FILE...] for each hook when there are several")
+    hooks: dict[str, list[Path]] = {}
+    for pair in pairs:
+        name, _, paths = pair.partition("=")
+        if name in hooks:
+            fail(f"--hook {name} is given twice; list all its files in one --hook "
+                 f"{name}=FILE1,FILE2")
+        hooks[name] = [Path(p) for p in paths.split(",") if p]
+    return hooks
+
+
 def _count_or_none(text: str | None) -> int | None:
     from shared.units import parse_count
 
@@ -154,9 +180,13 @@ def run(
 
 @app.command("import")
 def import_command(
-    files: Annotated[list[Path], typer.Argument(help=".npy or .safetensors files, (rows, d_in).")],
-    hook: Annotated[str, typer.Option(help="Name of the hook the activations come from.")],
     out: Out,
+    files: Annotated[list[Path] | None, typer.Argument(
+        help=".npy or .safetensors files (rows, d_in) of the one --hook NAME.")] = None,
+    hook: Annotated[list[str] | None, typer.Option(
+        help="NAME of the hook the FILES come from; or, repeated, NAME=FILE[,FILE...] for "
+             "several hooks whose files hold the same rows in the same order (e.g. an MLP's "
+             "input and output, for transcoders).")] = None,
     key: Annotated[str | None, typer.Option(
         help="Tensor name in .safetensors files that hold several.")] = None,
     model: Annotated[str, typer.Option(
@@ -179,10 +209,11 @@ def import_command(
     from shared.units import parse_size
 
     _modes(resume, overwrite)
-    check_hook_name(hook)
+    hooks = import_hooks(hook or [], list(files or []))
+    for name in hooks:
+        check_hook_name(name)
     cfg = ImportConfig(
-        files=files, hook=hook, out=store_location(out, storage_option, "--out"), key=key,
-        dtype=dtype,
+        hooks=hooks, out=store_location(out, storage_option, "--out"), key=key, dtype=dtype,
         compression=check_compression(compression), seed=seed, chunk_rows=chunk_rows,
         shard_rows=_count_or_none(shard_rows), shuffle_memory=parse_size(shuffle_memory),
         model=model, tmp_dir=tmp_dir,
@@ -190,7 +221,8 @@ def import_command(
     with init("cpu") as world:
         m = import_files(cfg, resume=resume, overwrite=overwrite, world=world)
     if world.is_main:
-        typer.echo(f"imported {m.n_rows:,} rows from {len(files)} file(s)")
+        n_files = sum(len(f) for f in hooks.values())
+        typer.echo(f"imported {m.n_rows:,} rows of {len(hooks)} hook(s) from {n_files} file(s)")
         typer.echo(info(cfg.out))
 
 

@@ -1,8 +1,11 @@
 """`cache-acts import`: a store from activations the user already has (.npy / .safetensors).
 
 The files are read in slices (memory-mapped .npy, sliced safetensors) and go through the same
-two-pass shuffle as `cache-acts run`. There are no tokens: `token_ids` is -1, `seq_index` is the
-file's index in `manifest.source_files` and `position` is the row inside that file.
+two-pass shuffle as `cache-acts run`. Several hooks (`--hook NAME=FILE[,FILE...]`, repeated) are
+aligned by row: row i of every hook's files, taken in order, is the same token, so a transcoder
+can read one hook and predict another. There are no tokens: `token_ids` is -1, `seq_index` is
+the file's index in `manifest.source_files` (the first hook's files) and `position` is the row
+inside that file.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ READ_BYTES = 32 * MiB  # rows read per step
 
 @dataclass
 class ImportConfig:
-    files: list[Path]
-    hook: str
+    # hook name -> its files, in order; every hook's files hold the same rows (row i of each
+    # hook's concatenation is the same token), possibly split into files differently
+    hooks: dict[str, list[Path]]
     out: Location  # a local folder or any fsspec URL (a Path is taken as a local folder)
     key: str | None = None  # tensor name inside .safetensors files holding several
     dtype: str = "float32"
@@ -46,11 +50,15 @@ class ImportConfig:
     def __post_init__(self) -> None:
         self.out = as_location(self.out)
         check_dtype(self.dtype)
-        if not self.files:
-            fail("no input files; pass one or more .npy or .safetensors files")
-        check_hook_name(self.hook)
-        if "/" in self.hook:  # tags (TAG/HOOK) name models of `cache-acts run`
-            fail(f"--hook {self.hook!r} must be a name without '/'")
+        if not self.hooks:
+            fail("no hook to import; pass --hook NAME with files, or --hook NAME=FILE[,FILE...]")
+        for hook, files in self.hooks.items():
+            check_hook_name(hook)
+            if "/" in hook:  # tags (TAG/HOOK) name models of `cache-acts run`
+                fail(f"--hook {hook!r} must be a name without '/'")
+            if not files:
+                fail(f"no input files for hook {hook!r}; pass one or more .npy or .safetensors "
+                     "files")
         if self.chunk_rows < 1:
             fail(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
         check_seed(self.seed)
@@ -106,20 +114,39 @@ class _Source:
         return self._slice[start:stop]
 
 
+def _hook_sources(hook: str, files: list[Path], key: str | None) -> list[_Source]:
+    """One hook's files, all of one width."""
+    sources = [_Source(Path(p), key) for p in files]
+    for s in sources[1:]:
+        if s.shape[1] != sources[0].shape[1]:
+            fail(f"{s.path} has d_in {s.shape[1]} but {sources[0].path} has "
+                 f"{sources[0].shape[1]}; the files of hook {hook!r} must have one width")
+    return sources
+
+
 def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = False,
                  world: World = LOCAL) -> Manifest:
-    """Build a shuffled store from cfg.files (see module docstring for the metadata arrays)."""
-    sources = [_Source(Path(p), cfg.key) for p in cfg.files]
-    d_in = sources[0].shape[1]
-    for s in sources[1:]:
-        if s.shape[1] != d_in:
-            fail(f"{s.path} has d_in {s.shape[1]} but {sources[0].path} has {d_in}; "
-                 "import files of one hook with the same width")
-    n_rows = sum(s.shape[0] for s in sources)
+    """Build a shuffled store from cfg.hooks' files (see the module docstring for the metadata
+    arrays, which follow the first hook's files)."""
+    sources = {h: _hook_sources(h, files, cfg.key) for h, files in cfg.hooks.items()}
+    d_in = {h: srcs[0].shape[1] for h, srcs in sources.items()}
+    offsets = {h: np.cumsum([0] + [s.shape[0] for s in srcs]) for h, srcs in sources.items()}
+    first = next(iter(sources))
+    n_rows = int(offsets[first][-1])
+    for h in sources:
+        if int(offsets[h][-1]) != n_rows:
+            fail(f"hook {h!r} has {int(offsets[h][-1]):,} rows but {first!r} has {n_rows:,}; "
+                 "aligned hooks hold the same rows (row i of each is the same token)")
     if n_rows == 0:
         fail("the input files hold no rows")
-    offsets = np.cumsum([0] + [s.shape[0] for s in sources])
-    step = max(READ_BYTES // (4 * d_in), 1)
+    # a batch never crosses a file boundary of any hook, and holds about READ_BYTES
+    bounds = np.unique(np.concatenate(list(offsets.values())))
+    step = max(READ_BYTES // (4 * sum(d_in.values())), 1)
+
+    def rows_of(hook: str, lo: int, hi: int) -> torch.Tensor:
+        f = int(np.searchsorted(offsets[hook], lo, side="right")) - 1
+        base = int(offsets[hook][f])
+        return sources[hook][f].rows(lo - base, hi - base)  # [hi - lo, d_in]
 
     def batches(cursor: int, mine: Callable[[int], bool]) -> Iterator[RowBatch | None]:
         """cursor = rows consumed across the files in order; batches that are not mine (another
@@ -127,38 +154,38 @@ def import_files(cfg: ImportConfig, resume: bool = False, overwrite: bool = Fals
         for k in itertools.count():
             if cursor >= n_rows:
                 return
-            f = int(np.searchsorted(offsets, cursor, side="right")) - 1
-            start = cursor - int(offsets[f])
-            stop = min(start + step, sources[f].shape[0])
-            n = stop - start
-            cursor += n
+            lo = cursor
+            cursor = min(lo + step, int(bounds[np.searchsorted(bounds, lo, side="right")]))
             if not mine(k):
                 yield None
                 continue
-            x = sources[f].rows(start, stop)  # [n, d_in]
+            f = int(np.searchsorted(offsets[first], lo, side="right")) - 1
+            start = lo - int(offsets[first][f])
             yield RowBatch(
-                acts={cfg.hook: to_storage(x, cfg.dtype)},
-                token_ids=np.full(n, -1, dtype=np.int32),
-                seq_index=np.full(n, f, dtype=np.int64),
-                position=np.arange(start, stop, dtype=np.int32),
+                acts={h: to_storage(rows_of(h, lo, cursor), cfg.dtype) for h in sources},
+                token_ids=np.full(cursor - lo, -1, dtype=np.int32),
+                seq_index=np.full(cursor - lo, f, dtype=np.int64),
+                position=np.arange(start, start + cursor - lo, dtype=np.int32),
                 cursor=cursor,
             )
 
-    # no model to fingerprint: the activations are all there is
-    fingerprints = {"model": None, "dataset": files_fingerprint(
-        [s.path for s in sources], "activation files", key=cfg.key)}
-    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, {cfg.hook: d_in}, cfg.dtype,
-                                    n_rows)
+    # no model to fingerprint: the activations are all there is; the files are known by their
+    # content (in order), so moved copies resume
+    every_file = [s.path for srcs in sources.values() for s in srcs]
+    facts = {"key": cfg.key} if len(sources) == 1 else {
+        "key": cfg.key, "hooks": {h: len(srcs) for h, srcs in sources.items()}}
+    fingerprints = {"model": None,
+                    "dataset": files_fingerprint(every_file, "activation files", **facts)}
+    shard_rows = resolve_shard_rows(cfg.shard_rows, cfg.chunk_rows, d_in, cfg.dtype, n_rows)
     manifest = Manifest(
-        model=cfg.model, hooks=[cfg.hook], d_in={cfg.hook: d_in}, dtype=cfg.dtype, n_rows=0,
+        model=cfg.model, hooks=list(sources), d_in=d_in, dtype=cfg.dtype, n_rows=0,
         context_size=0, seed=cfg.seed, chunk_rows=cfg.chunk_rows, shard_rows=shard_rows,
         compression=cfg.compression,
-        source_files=[str(s.path.resolve()) for s in sources], fingerprints=fingerprints,
+        source_files=[str(s.path.resolve()) for s in sources[first]], fingerprints=fingerprints,
     )
-    # the files are known by their content (in order), so moved copies resume
-    settings = {"dataset_fingerprint": fingerprints["dataset"], "key": cfg.key, "hook": cfg.hook,
-                "dtype": cfg.dtype, "compression": cfg.compression, "seed": cfg.seed,
-                "chunk_rows": cfg.chunk_rows, "shard_rows": shard_rows}
+    settings = {"dataset_fingerprint": fingerprints["dataset"], "key": cfg.key,
+                "hooks": list(sources), "dtype": cfg.dtype, "compression": cfg.compression,
+                "seed": cfg.seed, "chunk_rows": cfg.chunk_rows, "shard_rows": shard_rows}
     job = Job(out=cfg.out, work=work_dir(cfg.out, cfg.tmp_dir), manifest=manifest,
               settings=settings, row_bound=n_rows, max_rows=n_rows,
               shuffle_memory=cfg.shuffle_memory,

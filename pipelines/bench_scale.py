@@ -292,7 +292,7 @@ def bench_loader(work: Path, size: dict, model: Path, tokens: Path, hook: str, l
                  local_run_s: float, rounds: int) -> list[dict]:
     from shared.storage import location
     from shared.store import open_store
-    from train_sae.loader import ActivationLoader
+    from train_sae.training.loader import ActivationLoader
 
     with S3Server() as server:
         server.create_bucket(BUCKET)

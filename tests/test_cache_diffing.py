@@ -23,7 +23,7 @@ from shared.errors import UserError
 from shared.models import capture, load_model
 from shared.store import open_store
 from shared.tokens import TokenSpec, iter_token_batches
-from train_sae.loader import ActivationLoader
+from train_sae.training.loader import ActivationLoader
 
 CTX = 16
 RESID, MLP = "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"

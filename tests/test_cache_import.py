@@ -41,6 +41,52 @@ def _import(monkeypatch, capsys, folder, *extra):
                "--shuffle-memory", "8KiB", *extra)
 
 
+def test_several_aligned_hooks_import_row_for_row(monkeypatch, capsys, sources):
+    """--hook NAME=FILE[,FILE...] repeated: an MLP's input (two files) and output (one file of
+    another width, split differently) stored aligned: row i of both hooks is the same source
+    row, seq_index/position follow the first hook's files."""
+    folder, (a, b) = sources
+    x_in = np.concatenate([a, b])  # [1033, 8]
+    y_out = np.tanh(x_in @ np.random.default_rng(1).standard_normal((8, 12))).astype(np.float32)
+    np.save(folder / "out.npy", y_out)
+    code, out, err = cli(monkeypatch, capsys, "import", "--out", str(folder / "pair"),
+                         "--hook", f"mlp_in={folder / 'a.npy'},{folder / 'b.safetensors'}",
+                         "--hook", f"mlp_out={folder / 'out.npy'}", "--chunk-rows", "64",
+                         "--shuffle-memory", "8KiB")
+    assert code == 0, err
+    assert "imported 1,033 rows of 2 hook(s) from 3 file(s)" in out
+    g = zarr.open_group(str(folder / "pair"), mode="r")
+    m = g.attrs["manifest"]
+    assert m["hooks"] == ["mlp_in", "mlp_out"] and m["d_in"] == {"mlp_in": 8, "mlp_out": 12}
+    f, r = g["seq_index"][:], g["position"][:]
+    row = np.where(f == 0, r, 700 + r)  # the source row of every stored row
+    assert sorted(row.tolist()) == list(range(1033))
+    assert np.array_equal(g["acts/mlp_in"][:], x_in[row])
+    assert np.array_equal(g["acts/mlp_out"][:], y_out[row])
+    assert cli(monkeypatch, capsys, "verify", str(folder / "pair"))[0] == 0
+
+
+@pytest.mark.parametrize("hooks, files, message", [
+    ([], ["a.npy"], "--hook is missing"),
+    (["h", "g"], ["a.npy"], "--hook is given 2 times without files"),
+    (["h"], [], "no input files for --hook h"),
+    (["h=a.npy", "g"], [], "use one form"),
+    (["h=a.npy"], ["a.npy"], "use one form"),
+    (["h=a.npy", "h=b.safetensors"], [], "--hook h is given twice"),
+    (["h=a.npy", "g=b.safetensors"], [], "hook 'g' has 333 rows but 'h' has 700"),
+    (["h=", "g=a.npy"], [], "no input files for hook 'h'"),
+])
+def test_bad_import_hooks_are_one_line(monkeypatch, capsys, sources, hooks, files, message):
+    folder, _ = sources
+    argv = ["import", "--out", str(folder / "bad"), *[str(folder / f) for f in files]]
+    for h in hooks:
+        name, sep, paths = h.partition("=")
+        argv += ["--hook", name + sep + ",".join(str(folder / p) for p in paths.split(",") if p)]
+    code, _, err = cli(monkeypatch, capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (folder / "bad").exists()
+
+
 def test_import_reads_back_with_plain_zarr(monkeypatch, capsys, sources):
     folder, (a, b) = sources
     code, out, err = _import(monkeypatch, capsys, folder, "--model", "gpt2")

@@ -91,6 +91,21 @@ def test_run_store_reads_back_with_plain_zarr(monkeypatch, capsys, data):
     assert cli(monkeypatch, capsys, "verify", str(data / "store"))[0] == 0
 
 
+def test_mlp_input_and_output_are_cached_aligned(monkeypatch, capsys, data):
+    """What a transcoder trains on: an MLP's input (ln2.hook_normalized) and output (hook_mlp_out)
+    in one pass, row for row: the model's own MLP maps every stored input row to its output."""
+    hooks = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]
+    args = base_args(data, "mlp")
+    args[args.index(HOOKS[0])], args[args.index(HOOKS[1])] = hooks
+    code, _, err = cli(monkeypatch, capsys, *args, "--tokens", "300")
+    assert code == 0, err
+    g = zarr.open_group(str(data / "mlp"), mode="r")
+    x_in, x_out = (torch.from_numpy(g[f"acts/{h}"][:]) for h in hooks)
+    mlp = load_model(f"random:{data / 'tiny.json'}").model.blocks[1].mlp
+    with torch.no_grad():
+        assert torch.allclose(mlp(x_in[:, None])[:, 0], x_out, atol=1e-5)
+
+
 def test_drop_special_positions_are_not_cached(monkeypatch, capsys, data):
     """Positions the token source marks keep=False (BOS / pad with --drop-special) are skipped."""
     from cache_acts import run as run_module

@@ -9,16 +9,18 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from train_sae.crosscoder import (
+from train_sae.dictionaries.base import TrainProgress
+from train_sae.dictionaries.crosscoder import (
     Crosscoder,
     TopKCrosscoder,
     build_crosscoder,
     crosscoder_arch_params,
+)
+from train_sae.evaluation.crosscoder_metrics import (
     crosscoder_metrics,
     plot_relative_norms,
     relative_decoder_norms,
 )
-from train_sae.saes.base import TrainProgress
 
 
 def _perturbed(arch: str, splits: list[int], d_sae: int, params: dict, seed: int = 0):

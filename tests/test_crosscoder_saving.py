@@ -9,8 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import UserError
-from train_sae.crosscoder import build_crosscoder, load_crosscoder, save_crosscoder
-from train_sae.crosscoder.saving import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE
+from train_sae.dictionaries.crosscoder import build_crosscoder
+from train_sae.training.crosscoder_saving import (
+    CFG_FILE,
+    SPARSITY_FILE,
+    WEIGHTS_FILE,
+    load_crosscoder,
+    save_crosscoder,
+)
 
 
 def _trained_like(arch: str, splits: list[int], params: dict, d_sae: int = 10):

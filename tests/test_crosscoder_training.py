@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic import make_paired_data
 
-from train_sae.crosscoder import (
-    Crosscoder,
-    build_crosscoder,
-    crosscoder_metrics,
-    relative_decoder_norms,
-)
-from train_sae.saes.base import TrainProgress
-from train_sae.synthetic import make_paired_data
+from train_sae.dictionaries.base import TrainProgress
+from train_sae.dictionaries.crosscoder import Crosscoder, build_crosscoder
+from train_sae.evaluation.crosscoder_metrics import crosscoder_metrics, relative_decoder_norms
 
 D_HOOK = 32  # width of each hook
 N_EACH = 6  # planted features per kind: A only, B only, shared

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from cache_acts.cli import main as cache_main
 from train_sae.cli import main as train_main
-from train_sae.crosscoder import load_crosscoder, relative_decoder_norms
+from train_sae.evaluation.crosscoder_metrics import relative_decoder_norms
+from train_sae.training.crosscoder_saving import load_crosscoder
 
 CTX = 16
 HOOK = "blocks.0.hook_resid_post"

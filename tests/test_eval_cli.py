@@ -17,8 +17,13 @@ from shared.models import load_model
 from shared.store import open_store
 from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
 from train_sae.cli import app as train_app
-from train_sae.eval_sweep import EvalOptions, evaluate_path, held_out_start, training_data
-from train_sae.saving import load_sae
+from train_sae.evaluation.eval_sweep import (
+    EvalOptions,
+    evaluate_path,
+    held_out_start,
+    training_data,
+)
+from train_sae.training.saving import load_sae
 
 VOCAB = 48
 CTX = 16

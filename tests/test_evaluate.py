@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from train_sae.evaluate import (
+from train_sae.dictionaries.base import SAE
+from train_sae.evaluation.evaluate import (
     ReconStats,
     SpliceTarget,
     hook_means,
@@ -20,8 +21,7 @@ from train_sae.evaluate import (
     splice_eval,
     start_layer,
 )
-from train_sae.metrics import fvu as metrics_fvu
-from train_sae.saes.base import SAE
+from train_sae.evaluation.metrics import fvu as metrics_fvu
 
 
 class IdentitySAE(SAE):

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 from conftest import invoke, swap_chunk_bytes
+from synthetic import make_sparse_data, write_synthetic_store
 
 import cache_acts.cli
 import cache_acts.importer  # noqa: F401 - imported here (the CLI imports them lazily) so that
@@ -43,7 +44,6 @@ from cache_acts.state import STATE_FILE, TMP_DIR
 from shared.fingerprint import digests
 from shared.lock import LOCK_FILE
 from shared.store import open_store
-from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
 ROOT = Path(__file__).parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -381,9 +381,9 @@ TRAIN_POINTS = [
     pytest.param(4, id="sweep-json"),
     pytest.param(10, id="metrics-log"),
     pytest.param(36, id="checkpoint-by-size"),
-    pytest.param("train_sae.trainer.save_checkpoint", id="checkpoint"),
-    pytest.param("train_sae.trainer.save_member", id="final-weights"),
-    pytest.param("train_sae.trainer.mark_complete", id="final-sweep-json"),
+    pytest.param("train_sae.training.trainer.save_checkpoint", id="checkpoint"),
+    pytest.param("train_sae.training.trainer.save_member", id="final-weights"),
+    pytest.param("train_sae.training.trainer.mark_complete", id="final-sweep-json"),
 ]
 
 
@@ -736,7 +736,7 @@ def test_two_train_sae_writers(inputs, refs, tmp_path, monkeypatch, capsys):
 
 def interrupt_sweep(monkeypatch, capsys, argv: list[str], at_call: int) -> None:
     """Run a sweep in-process and stop it (KeyboardInterrupt) at the `at_call`-th member step."""
-    import train_sae.trainer as trainer
+    import train_sae.training.trainer as trainer
 
     real, calls = trainer.Member.step, []
 

@@ -145,7 +145,7 @@ def test_an_sae_trained_on_imported_activations_evaluates_with_model(world, tmp_
     with torch.no_grad():
         acts = capture(loaded.model, tokens, [HOOK])[HOOK].reshape(-1, 16)
     np.save(tmp_path / "acts.npy", acts.numpy())
-    import_files(ImportConfig(files=[tmp_path / "acts.npy"], hook=HOOK, out=tmp_path / "st",
+    import_files(ImportConfig(hooks={HOOK: [tmp_path / "acts.npy"]}, out=tmp_path / "st",
                               model="my-tiny-model", chunk_rows=64))
     train(tmp_path / "st", tmp_path / "sw")
     ev = evaluate(capsys, tmp_path / "sw", "--model", f"random:{world / 'm.json'}",

@@ -12,9 +12,9 @@ import pytest
 import torch
 import zarr
 from conftest import flip_chunk_byte, invoke, lock_held_elsewhere, swap_chunk_bytes
+from synthetic import make_sparse_data, write_synthetic_store
 
 from train_sae.cli import main
-from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
 
 def cli(monkeypatch, capsys, *args):
@@ -42,7 +42,7 @@ def one_line(code, err, message, want_code=2):
 
 def interrupted_sweep(store, out, monkeypatch, capsys) -> None:
     """A two-member sweep with checkpoints every 8 steps, stopped by Ctrl-C at step 10 of 16."""
-    import train_sae.trainer as trainer
+    import train_sae.training.trainer as trainer
 
     real_step, calls = trainer.Member.step, []
 
@@ -178,7 +178,7 @@ def test_report_on_an_unfinished_sweep_lists_every_member(tmp_path, monkeypatch,
 
 
 def test_fvu_of_data_without_variance_is_not_perfect():
-    from train_sae.metrics import fvu
+    from train_sae.evaluation.metrics import fvu
 
     x = torch.ones(16, 4)
     assert torch.isnan(fvu(x, x)) and fvu(x, x + 1).isnan()
@@ -219,7 +219,7 @@ def test_a_moved_store_resumes_and_the_sweep_records_where_it_is(tmp_path, monke
 
 def test_overwrite_keeps_its_own_lock_and_clears_a_killed_saving_folder(tmp_path, monkeypatch,
                                                                           capsys):
-    import train_sae.outputs as outputs
+    import train_sae.training.outputs as outputs
 
     store, out = write_store(tmp_path / "s"), tmp_path / "o"
     assert cli(monkeypatch, capsys, *train_args(store, out, "--tokens", 128))[0] == 0

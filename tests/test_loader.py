@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,9 @@ from shared.store import (
     seal,
     to_storage,
 )
-from train_sae.loader import THREAD_NAME, ActivationLoader, BatchPlan
+from train_sae.training.loader import THREAD_NAME, ActivationLoader, BatchPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: pipelines/bench/
 
 
 def make_store(
@@ -368,7 +371,7 @@ def test_cuda_batches_match_cpu(tmp_path: Path) -> None:
 def test_bench_measures_both_rates(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from train_sae.loader_bench import app, measure, write_bench_store
+    from pipelines.bench.loader import app, measure, write_bench_store
 
     write_bench_store(tmp_path / "b", n_rows=3000, d_in=16, chunk_rows=1000)
     store = open_store(tmp_path / "b")
@@ -385,7 +388,7 @@ def test_bench_measures_both_rates(tmp_path: Path) -> None:
 
 
 def test_bench_refuses_a_compressed_store(tmp_path: Path) -> None:
-    from train_sae.loader_bench import measure
+    from pipelines.bench.loader import measure
 
     make_store(tmp_path / "z", {"h": torch.randn(100, 4)}, compression="zstd")
     with pytest.raises(UserError, match="is compressed"):
@@ -393,7 +396,7 @@ def test_bench_refuses_a_compressed_store(tmp_path: Path) -> None:
 
 
 def test_reads_a_synthetic_store(tmp_path: Path) -> None:
-    from train_sae.synthetic import make_sparse_data, write_synthetic_store
+    from synthetic import make_sparse_data, write_synthetic_store
 
     x, _ = make_sparse_data(2048, 32, n_directions=64, n_active=4, seed=0)
     store = write_synthetic_store(tmp_path / "syn", x, chunk_rows=500, dtype="bfloat16")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train_sae.metrics import FeatureDensity, batch_metrics, fvu
+from train_sae.evaluation.metrics import FeatureDensity, batch_metrics, fvu
 
 
 def test_batch_metrics_by_hand():

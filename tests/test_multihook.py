@@ -8,20 +8,21 @@ import pytest
 import torch
 from conftest import invoke
 from safetensors.torch import load_file
-
-from shared.store import Manifest
-from train_sae import trainer
-from train_sae.cli import main
-from train_sae.config import TrainConfig
-from train_sae.crosscoder import load_crosscoder, relative_decoder_norms
-from train_sae.outputs import model_and_hook
-from train_sae.sweep import make_member
-from train_sae.synthetic import (
+from synthetic import (
     make_paired_data,
     make_sparse_data,
     write_multihook_store,
     write_synthetic_store,
 )
+
+from shared.store import Manifest
+from train_sae.cli import main
+from train_sae.evaluation.crosscoder_metrics import relative_decoder_norms
+from train_sae.training import trainer
+from train_sae.training.config import TrainConfig
+from train_sae.training.crosscoder_saving import load_crosscoder
+from train_sae.training.outputs import model_and_hook
+from train_sae.training.sweep import make_member
 
 HOOKS = ["blocks.0.hook_resid_post", "chat/blocks.1.hook_mlp_out"]  # d_in 16 and 12
 PREFIX = {HOOKS[0]: "blocks.0.hook_resid_post--", HOOKS[1]: "chat.blocks.1.hook_mlp_out--"}

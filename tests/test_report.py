@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from shared.errors import UserError
-from train_sae.report import load_members, markdown_table, pareto_front, write_report
+from train_sae.evaluation.report import load_members, markdown_table, pareto_front, write_report
 
 
 def test_pareto_front_lower_is_better():

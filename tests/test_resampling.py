@@ -1,10 +1,10 @@
 """Anthropic resampling: dead latents are revived from high-loss inputs and their Adam state reset."""
 
 import torch
+from synthetic import make_sparse_data
 
-from train_sae.resampling import ENCODER_NORM_FACTOR, BatchPool, resample_dead
-from train_sae.saes import build_sae
-from train_sae.synthetic import make_sparse_data
+from train_sae.dictionaries import build_sae
+from train_sae.training.resampling import ENCODER_NORM_FACTOR, BatchPool, resample_dead
 
 
 def test_dead_latents_fire_again_and_adam_state_is_reset():

@@ -146,7 +146,7 @@ def test_batches_from_a_remote_store_equal_the_local_ones(data, s3, tmp_path, mo
     """The loader's remote reader fetches the chunks of the batches ahead in parallel and
     gives the same batches as the memory-mapped local store."""
     from shared.store import open_store
-    from train_sae.loader import ActivationLoader
+    from train_sae.training.loader import ActivationLoader
 
     local, remote = str(tmp_path / "local"), s3.url("ahead")
     for out in (local, remote):

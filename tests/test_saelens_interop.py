@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_sae.saes import REGISTRY, TrainProgress, build_sae
-from train_sae.saving import save_sae
+from train_sae.dictionaries import REGISTRY, TrainProgress, build_sae
+from train_sae.training.saving import save_sae
 
 sae_lens = pytest.importorskip("sae_lens")
 pytestmark = pytest.mark.saelens

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from shared.errors import UserError
-from train_sae.saes import REGISTRY, TrainProgress, arch_params, build_sae
-from train_sae.saes.jumprelu import JumpReLUSAE
+from train_sae.dictionaries import REGISTRY, TrainProgress, arch_params, build_sae
+from train_sae.dictionaries.jumprelu import JumpReLUSAE
 
 PROGRESS = TrainProgress(step=0, total_steps=100, tokens_seen=0)
 SMALL = {"topk": {"k": 4}, "batchtopk": {"k": 4}}

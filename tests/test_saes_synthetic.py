@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic import make_sparse_data, mean_max_cosine, write_synthetic_store
 
 from shared.errors import UserError
 from shared.store import checksum, open_store
-from train_sae.synthetic import make_sparse_data, mean_max_cosine, write_synthetic_store
 
 
 def test_sparse_data_is_seeded_and_has_the_planted_mean():

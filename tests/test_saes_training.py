@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic import make_sparse_data, mean_max_cosine
 
-from train_sae.saes import TrainProgress, build_sae
-from train_sae.synthetic import make_sparse_data, mean_max_cosine
+from train_sae.dictionaries import TrainProgress, build_sae
 
 D_IN, N_DIRS, WIDTH = 32, 64, 128
 STEPS, BATCH, LR = 500, 256, 1e-2

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import UserError
-from train_sae.saes import REGISTRY, TrainProgress, build_sae
-from train_sae.saving import load_sae, save_sae
+from train_sae.dictionaries import REGISTRY, TrainProgress, build_sae
+from train_sae.training.saving import load_sae, save_sae
 
 SCALE = 2.5
 SAELENS_ARCH = {"relu": "standard", "april": "standard", "topk": "topk",

@@ -72,7 +72,7 @@ def test_sharded_stores_open_in_plain_zarr_and_need_few_objects(tmp_path):
 def test_format_1_stores_still_load_train_and_verify(tmp_path):
     """A store as the previous version wrote it: format 1, a file per chunk, no shard_rows."""
     from cache_acts.inspect_store import verify
-    from train_sae.loader import ActivationLoader
+    from train_sae.training.loader import ActivationLoader
 
     m = manifest(n_rows=64, chunk_rows=16, format_version=1)
     group = create_store(tmp_path / "v1", m)

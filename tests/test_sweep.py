@@ -3,7 +3,7 @@
 import pytest
 
 from shared.errors import UserError
-from train_sae.sweep import GridSpec, expand_grid, fmt, load_toml, parse_list
+from train_sae.training.sweep import GridSpec, expand_grid, fmt, load_toml, parse_list
 
 D_IN, BATCH, STEPS = 16, 256, 1000
 

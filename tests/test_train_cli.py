@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from conftest import invoke
+from synthetic import make_sparse_data, write_synthetic_store
 
 from shared.store import HookStats, Manifest, create_store, seal
 from train_sae.cli import main
-from train_sae.saving import load_sae
-from train_sae.synthetic import make_sparse_data, write_synthetic_store
+from train_sae.training.saving import load_sae
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`torchrun` sweeps (shared/distributed.py, train_sae/trainer.py): real
+"""`torchrun` sweeps (shared/distributed.py, train_sae/training/trainer.py): real
 `torchrun --nproc-per-node 2 --no-python train-sae sweep ...` runs on gloo, compared with a
 one-process sweep of the same options.
 
@@ -29,19 +29,19 @@ import torch
 import zarr
 from conftest import invoke
 from safetensors.torch import load_file
+from synthetic import make_sparse_data, write_multihook_store
 
 from cache_acts.cli import main as cache_main
 from shared.distributed import World, balance, init
 from shared.errors import UserError
-from train_sae import trainer
-from train_sae.checkpoint import save_checkpoint
 from train_sae.cli import main
-from train_sae.config import MemberConfig
-from train_sae.eval_sweep import EvalMember, spread
-from train_sae.evaluate import SpliceTarget
-from train_sae.saes.base import WHOLE_BATCH, ShardedBatch
-from train_sae.synthetic import make_sparse_data, write_multihook_store
-from train_sae.trainer import member_cost, place
+from train_sae.dictionaries.base import WHOLE_BATCH, ShardedBatch
+from train_sae.evaluation.eval_sweep import EvalMember, spread
+from train_sae.evaluation.evaluate import SpliceTarget
+from train_sae.training import trainer
+from train_sae.training.checkpoint import save_checkpoint
+from train_sae.training.config import MemberConfig
+from train_sae.training.trainer import member_cost, place
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

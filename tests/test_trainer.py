@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from synthetic import make_sparse_data, mean_max_cosine, write_synthetic_store
 
-from train_sae.config import TrainConfig
-from train_sae.sweep import make_member
-from train_sae.synthetic import make_sparse_data, mean_max_cosine, write_synthetic_store
-from train_sae.trainer import prepare, train
+from train_sae.training.config import TrainConfig
+from train_sae.training.sweep import make_member
+from train_sae.training.trainer import prepare, train
 
 BATCH = 256
 
@@ -39,7 +39,7 @@ def test_sweep_learns_planted_directions(synthetic, tmp_path):
     store, directions = synthetic
     plan, results = run_sweep(store, tmp_path / "sw", GOOD)
     assert plan.total_steps == 256
-    from train_sae.saving import load_sae
+    from train_sae.training.saving import load_sae
 
     for r in results:
         assert r.status == "done"
@@ -85,8 +85,8 @@ def test_saved_sae_reconstructs_raw_activations(synthetic, tmp_path):
     store, _ = synthetic
     _, (r,) = run_sweep(store, tmp_path / "sw", [GOOD[0]])
     from shared.store import open_store
-    from train_sae.metrics import fvu
-    from train_sae.saving import load_sae
+    from train_sae.evaluation.metrics import fvu
+    from train_sae.training.saving import load_sae
 
     s = open_store(store)
     x = s.read_rows("synthetic", 0, 2048).float()  # raw, unscaled rows

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic import make_sparse_data, write_multihook_store, write_synthetic_store
 
 from train_sae.cli import main
-from train_sae.synthetic import make_sparse_data, write_multihook_store, write_synthetic_store
 
 REPO = Path(__file__).resolve().parents[1]
 SAE_FILES = ("sae_weights.safetensors", "sparsity.safetensors", "metrics.jsonl", "cfg.json")

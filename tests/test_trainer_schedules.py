@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from train_sae.schedules import LRSchedule
+from train_sae.training.schedules import LRSchedule
 
 
 def test_constant_without_warmup_or_decay():

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import invoke
+from synthetic import make_sparse_data, write_synthetic_store
 
 import cache_acts.cli
 import train_sae.cli
 from shared.atomic import atomic_write
 from shared.errors import UserError
-from train_sae.saes import build_sae
-from train_sae.saving import (
+from train_sae.dictionaries import build_sae
+from train_sae.training.saving import (
     CFG_FILENAME,
     SPARSITY_FILENAME,
     WEIGHTS_FILENAME,
@@ -27,7 +28,6 @@ from train_sae.saving import (
     read_log10_density,
     save_sae,
 )
-from train_sae.synthetic import make_sparse_data, write_synthetic_store
 
 
 def one_line_error(result: tuple[int, str, str], message: str) -> None:
@@ -171,7 +171,7 @@ def test_disk_full_saving_weights_keeps_the_old_ones(tmp_path, monkeypatch):
                   input_scale=1.0)
     save_sae(sae, tmp_path, **kwargs)
     before = (tmp_path / WEIGHTS_FILENAME).read_bytes()
-    monkeypatch.setattr("train_sae.saving.write_safetensors", lambda p, tensors: _full(Path(p)))
+    monkeypatch.setattr("train_sae.training.saving.write_safetensors", lambda p, tensors: _full(Path(p)))
     with pytest.raises(OSError):
         save_sae(build_sae("topk", 4, 8, {"k": 2}, 1), tmp_path, **kwargs)
     assert (tmp_path / WEIGHTS_FILENAME).read_bytes() == before
@@ -179,7 +179,7 @@ def test_disk_full_saving_weights_keeps_the_old_ones(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command, patch, hint", [
-    (["report", "."], "train_sae.report.write_report", "free space, then rerun the command"),
+    (["report", "."], "train_sae.evaluation.report.write_report", "free space, then rerun the command"),
     (["sweep", "--store", "s", "--out", "o", "--arch", "topk", "--width", 8],
      "train_sae.cli.prepare", "free space or choose another --out, then rerun with --resume"),
 ])

@@ -1,13 +1,13 @@
 """`train-sae`: train one SAE (`run`) or a sweep of many in one pass (`sweep`) over an activation store.
 
 Both commands take the same options; in `sweep` the hyperparameter options take comma-separated
-lists that expand to a grid (see train_sae/sweep.py), `run` must describe exactly one SAE.
+lists that expand to a grid (see train_sae/training/sweep.py), `run` must describe exactly one SAE.
 `--hook` may be repeated (or `--hook all`): SAE members are trained for every chosen hook and
 crosscoder members read all of them, in one pass over the store.
 
 Under `torchrun --nproc-per-node N --no-python train-sae sweep ...` the members are spread over
 the N ranks (or, with --data-parallel, each member is trained on every rank on a share of each
-batch); the outputs are those of one process (train_sae/trainer.py). Only rank 0 prints the
+batch); the outputs are those of one process (train_sae/training/trainer.py). Only rank 0 prints the
 progress bar and the summary; every rank exits with the same code.
 """
 
@@ -25,9 +25,9 @@ from shared.errors import fail, run_cli
 from shared.storage import location, parse_storage_options
 from shared.units import parse_count
 from train_sae.cli_eval import eval_command, report_command
-from train_sae.config import DEFAULT_RESAMPLE_AT, TrainConfig
-from train_sae.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
-from train_sae.trainer import MemberResult, prepare, resolve_device, train
+from train_sae.training.config import DEFAULT_RESAMPLE_AT, TrainConfig
+from train_sae.training.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
+from train_sae.training.trainer import MemberResult, prepare, resolve_device, train
 
 # `train-sae run/sweep` exit codes: 0 when at least one member finished, 2 for bad input (one
 # `error:` line), 1 when training ran but every member failed (README, "Exit codes").

@@ -1,5 +1,5 @@
-"""`train-sae eval` and `train-sae report`: thin typer layers over train_sae.eval_sweep and
-train_sae.report (registered on the `train-sae` app in train_sae/cli.py).
+"""`train-sae eval` and `train-sae report`: thin typer layers over train_sae.evaluation.eval_sweep and
+train_sae.evaluation.report (registered on the `train-sae` app in train_sae/cli.py).
 
 Both modules are imported inside the commands: eval_sweep pulls in transformer_lens (seconds)
 and report pulls in matplotlib, which `train-sae run`, `sweep` and `--help` never need; the
@@ -54,13 +54,13 @@ def eval_command(
     """Splice each SAE into the model on held-out tokens: CE loss recovered, KL, L0, FVU.
 
     Results go into each run's metrics.json under "eval" and are printed as a table.
-    Crosscoder members are skipped with a note (see train_sae.eval_sweep).
+    Crosscoder members are skipped with a note (see train_sae.evaluation.eval_sweep).
     """
     import torch
 
     from shared import distributed
     from shared.storage import parse_storage_options
-    from train_sae.eval_sweep import EvalOptions, evaluate_path, format_table
+    from train_sae.evaluation.eval_sweep import EvalOptions, evaluate_path, format_table
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # under torchrun the SAEs are spread over the ranks (each on its own GPU for `cuda`)
@@ -82,7 +82,7 @@ def eval_command(
 
 def report_command(path: SweepPath) -> None:
     """Write SWEEP/report.md, SWEEP/pareto.png and SWEEP/density.png; print the table."""
-    from train_sae.report import write_report
+    from train_sae.evaluation.report import write_report
 
     files = write_report(path)
     typer.echo(files.table)

@@ -1,0 +1,1 @@
+"""Training: the activation loader, sweep configs and grid, the one-pass trainer, checkpoints and saved formats."""

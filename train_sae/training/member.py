@@ -1,0 +1,202 @@
+"""One member of a one-pass sweep: an SAE or a crosscoder with its optimizer, LR schedule,
+Anthropic resampling, metric counters and checkpoint state.
+
+What a member reads is decided in one place, `Member.inputs`: an SAE takes its hook's block of
+the loader's batch (`batch[hook]: [batch, d_in]`), a crosscoder the concatenation of its hooks
+(`Crosscoder.concat_hooks(batch): [batch, sum d_h]`). Everything else treats both alike.
+
+A member's training depends on nothing but its own config, the sweep's seed and the batches: its
+initial weights come from the seed, its resampling RNG from the seed and its name, and its
+resampling pool holds the last whole batches of its hook (shared by the members of one process
+but the same whatever they are). So a member trains to the same bytes alone, beside any other
+members, or on any rank of a `torchrun` sweep. With data-parallel ranks (`batch_group` a
+`ShardedBatch`), every rank holds the member and a share of each batch's rows; its gradients,
+loss, firing counts and metrics are those of the whole batch, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+from train_sae.dictionaries import build_sae
+from train_sae.dictionaries.base import SAE, WHOLE_BATCH, BatchGroup, TrainProgress
+from train_sae.dictionaries.crosscoder import build_crosscoder
+from train_sae.evaluation.metrics import FeatureDensity, firing_counts, metric_tensors
+from train_sae.training.config import RESAMPLE_ARCHS, MemberConfig
+from train_sae.training.metrics_log import MetricsLog
+from train_sae.training.resampling import BatchPool, resample_dead
+from train_sae.training.schedules import LRSchedule
+from train_sae.training.sweep import HOOK_SEP, hook_prefix
+
+FINAL_WINDOW_FRAC = 0.1  # "final" metrics and saved feature density: the last 10% of steps
+
+
+def build_model(cfg: MemberConfig, dims: dict[str, int], seed: int) -> SAE:
+    """The member's freshly initialised SAE, or crosscoder over cfg.hooks (dims: hook -> d_in)."""
+    if cfg.is_crosscoder:
+        return build_crosscoder(cfg.arch, [dims[h] for h in cfg.hooks], list(cfg.hooks),
+                                cfg.d_sae, dict(cfg.params), seed)
+    (hook,) = cfg.hooks
+    return build_sae(cfg.arch, dims[hook], cfg.d_sae, dict(cfg.params), seed)
+
+
+def resample_seed(cfg: MemberConfig, seed: int) -> int:
+    """Seed of a member's resampling RNG: from its hook and its name without the hook prefix, so
+    adding members or hooks to a sweep changes nothing."""
+    prefix = hook_prefix(cfg.hooks[0]) + HOOK_SEP
+    base = cfg.name[len(prefix):] if cfg.name.startswith(prefix) else cfg.name
+    return seed * 1_000_003 + zlib.crc32(f"{'+'.join(cfg.hooks)}:{base}".encode())
+
+
+class Member:
+    """One member's model and training state; `step` trains it on one batch dict."""
+
+    def __init__(self, cfg: MemberConfig, dims: dict[str, int], total_steps: int, seed: int,
+                 device: str, diverge_factor: float, batch_group: BatchGroup = WHOLE_BATCH):
+        assert cfg.hooks, cfg  # bound by trainer.bind_hooks
+        self.cfg, self.name, self.hooks = cfg, cfg.name, cfg.hooks
+        self.sae = build_model(cfg, dims, seed).to(device)
+        self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
+        # per-hook metrics of a crosscoder: hook -> its width in the concatenated input
+        self.blocks = {h: dims[h] for h in cfg.hooks} if cfg.is_crosscoder else None
+        o = cfg.optim
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+        self.resample_steps = cfg.resample.steps(total_steps) if cfg.arch in RESAMPLE_ARCHS else []
+        # dead = no firing in the second half of the interval before each resampling (Anthropic:
+        # 12.5k steps before resampling every 25k), so the busy first steps do not hide dead latents
+        prev = [0, *self.resample_steps][: len(self.resample_steps)]
+        self.dead_window_starts = {r - (r - p) // 2 for r, p in zip(self.resample_steps, prev,
+                                                                     strict=True)}
+        self.schedule = LRSchedule(o.lr, total_steps, o.lr_warmup_steps, o.lr_decay_frac,
+                                   tuple(self.resample_steps))
+        self.rng = torch.Generator().manual_seed(resample_seed(cfg, seed))
+        self.diverge_factor = diverge_factor
+        self.final_start = total_steps - max(1, int(total_steps * FINAL_WINDOW_FRAC))
+        self.log_density = FeatureDensity(cfg.d_sae, device)  # since the last log line
+        self.dead_density = FeatureDensity(cfg.d_sae, device)  # window before the next resampling
+        self.final_density = FeatureDensity(cfg.d_sae, device)  # over the final window
+        self.final_sums: dict[str, torch.Tensor] = {}  # metric -> sum over the final window
+        self.final_steps = 0
+        self.status, self.failure = "running", None
+        self.first_loss: float | None = None
+        self.resampled = 0
+        self.log: MetricsLog | None = None
+        self.relative_norms: dict[str, Any] | None = None  # two-hook crosscoders, once saved
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What this member trains on: [batch, d_in] of its hook, or a crosscoder's hooks
+        concatenated in its hook order, [batch, sum d_h]."""
+        if self.cfg.is_crosscoder:
+            return self.sae.concat_hooks(batch)  # type: ignore[operator]
+        return batch[self.hooks[0]]
+
+    # --- one training step ------------------------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor], step: int, progress: TrainProgress,
+             pools: dict[str, BatchPool], log: bool) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """Train on this step's batch (this process's rows of it; `pools` hold whole batches).
+        Returns the whole batch's detached loss and, when `log`, the metrics record (built here
+        so no member's activations outlive its step)."""
+        x = self.inputs(batch)
+        if step in self.resample_steps and self.hooks[0] in pools:
+            self.resampled += resample_dead(self.sae, self.opt, self.dead_density.dead_mask(),
+                                            pools[self.hooks[0]].rows(), self.rng)
+        lr = self.schedule.lr(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        out = self.sae.training_forward(x, progress)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        loss = self.batch.reduce_gradients(self.sae.parameters(), out.loss.detach())
+        self.sae.before_optimizer_step()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.sae.after_optimizer_step()
+        in_final = step >= self.final_start
+        metrics = None
+        with torch.no_grad():
+            acts = out.acts.detach()
+            fired = self.batch.sum(firing_counts(acts))  # [d_sae] over the whole batch
+            n_rows = self.batch.rows(acts.shape[0])
+            self.log_density.add(fired, n_rows)
+            if step in self.dead_window_starts:
+                self.dead_density.reset()
+            if self.resample_steps:
+                self.dead_density.add(fired, n_rows)
+            if in_final or log:
+                metrics = metric_tensors(x, out.x_hat, acts, self.blocks, self.batch)
+            if in_final:
+                self.final_density.add(fired, n_rows)
+                for k, v in metrics.items():  # type: ignore[union-attr]
+                    self.final_sums[k] = self.final_sums.get(k, 0.0) + v.double()
+                self.final_steps += 1
+        if not log:
+            return loss, None
+        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * n_rows, "lr": lr,
+                               "loss": float(loss)}
+        rec.update({k: float(v) for k, v in self.batch.average(out.parts).items()})
+        rec.update({k: float(v) for k, v in metrics.items()})  # type: ignore[union-attr]
+        rec.update(dead_fraction=self.log_density.dead_fraction,
+                   dense_fraction=self.log_density.dense_fraction,
+                   density_tokens=self.log_density.n_tokens)
+        self.log_density.reset()
+        if self.resample_steps:
+            rec["resampled_total"] = self.resampled
+        return loss, rec
+
+    def check(self, loss: float, step: int) -> None:
+        """Mark the member failed on a non-finite or diverging loss."""
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            self.fail(f"loss became {loss} at step {step}; lower the learning rate (--lr)")
+        elif self.first_loss is None:
+            self.first_loss = loss
+        elif loss > self.diverge_factor * max(self.first_loss, 1e-12):
+            self.fail(f"loss diverged at step {step}: {loss:.4g} > {self.diverge_factor:g} x its "
+                      f"first value {self.first_loss:.4g}; lower the learning rate (--lr)")
+
+    def fail(self, reason: str) -> None:
+        self.status, self.failure = "failed", reason
+        self.sae = None  # type: ignore[assignment]  # free its memory; its weights are not saved
+        self.opt = None  # type: ignore[assignment]
+
+    def final_metrics(self) -> dict[str, float]:
+        """Means over the final window: l0, mse, fvu, cos_sim, l2_ratio (and a crosscoder's
+        fvu/<hook>, mse/<hook>), plus dead and dense fractions."""
+        n = max(self.final_steps, 1)
+        out = {k: float(v) / n for k, v in self.final_sums.items()}
+        out["dead_fraction"] = self.final_density.dead_fraction
+        out["dense_fraction"] = self.final_density.dense_fraction
+        return out
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"status": self.status, "failure": self.failure,
+                             "first_loss": self.first_loss, "resampled": self.resampled,
+                             "log_offset": self.log.offset() if self.log else 0}
+        if self.status == "running":
+            s.update(sae=self.sae.state_dict(), opt=self.opt.state_dict(),
+                     rng=self.rng.get_state(),
+                     final_sums={k: torch.as_tensor(v).clone() for k, v in self.final_sums.items()},
+                     final_steps=self.final_steps,
+                     densities=[d.state_dict() for d in
+                                (self.log_density, self.dead_density, self.final_density)])
+        return s
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.status, self.failure = s["status"], s["failure"]
+        self.first_loss, self.resampled = s["first_loss"], s["resampled"]
+        if self.status != "running":
+            self.sae = self.opt = None  # type: ignore[assignment]
+            return
+        self.sae.load_state_dict(s["sae"])
+        self.opt.load_state_dict(s["opt"])
+        self.rng.set_state(s["rng"])
+        device = self.final_density.counts.device
+        self.final_sums = {k: v.to(device) for k, v in s["final_sums"].items()}
+        self.final_steps = s["final_steps"]
+        for d, ds in zip((self.log_density, self.dead_density, self.final_density),
+                         s["densities"], strict=True):
+            d.load_state_dict(ds)
