@@ -405,3 +405,21 @@ def test_reads_a_synthetic_store(tmp_path: Path) -> None:
     assert epoch.double().norm(dim=1).mean().item() == pytest.approx(math.sqrt(32), rel=1e-5)
     stored = x.to(torch.bfloat16).float() * ActivationLoader(store, ["synthetic"], 256, 8).scales["synthetic"]
     assert torch.equal(epoch[torch.argsort(epoch.sum(1))], stored[torch.argsort(stored.sum(1))])
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_share_of_the_rows_reads_only_those_rows(tmp_path: Path, compression) -> None:
+    """A data-parallel rank's loader (rows=slice) gives exactly its rows of every batch: the
+    shares of 3 loaders, side by side, are the whole loader's batches (also across chunk ends
+    and epochs)."""
+    store = make_store(tmp_path / "s", {"h": with_row_ids(700, 8)}, chunk_rows=100,
+                       shard_rows=300, compression=compression)
+    whole = collect(ActivationLoader(store, ["h"], 96, 20, seed=5, normalize=False))
+    shares = [collect(ActivationLoader(store, ["h"], 96, 20, seed=5, normalize=False,
+                                       rows=slice(r * 32, (r + 1) * 32))) for r in range(3)]
+    for i, batch in enumerate(whole):
+        assert torch.equal(torch.cat([s[i]["h"] for s in shares]), batch["h"])
+    share = ActivationLoader(store, ["h"], 96, 20, seed=5, normalize=False, rows=slice(32, 64))
+    assert torch.equal(share.batch(7, whole=True)["h"], whole[7]["h"])
+    with pytest.raises(UserError, match="not a non-empty contiguous range"):
+        ActivationLoader(store, ["h"], 96, 20, rows=slice(50, 50))

@@ -61,6 +61,10 @@ class BatchGroup:
         """Rows in the whole batch, given this process's `n`."""
         return n
 
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        """The whole batch [rows of every process, ...] from this process's rows `t`."""
+        return t
+
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean over the rows (dim 0) of the whole batch: [rows, ...] -> [...]."""
         return t.mean(dim=0)
@@ -102,6 +106,9 @@ class ShardedBatch(BatchGroup):
 
     def rows(self, n: int) -> int:
         return n * self.size
+
+    def whole(self, t: torch.Tensor) -> torch.Tensor:
+        return self.world.all_gather(t)  # the shares, in rank order, are the batch's rows
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.world.all_reduce(t.sum(dim=0)) / self.rows(t.shape[0])

@@ -140,7 +140,7 @@ class _MemmapReader:
         self._maps: OrderedDict[tuple[str, int], np.memmap] = OrderedDict()
         self.verifier = verifier
 
-    def plan(self, batch: int) -> None:
+    def plan(self, batch: int, rows: range) -> None:
         """Memory-maps need no read-ahead (the OS pages them in)."""
 
     def lookahead_wanted(self) -> bool:
@@ -180,9 +180,10 @@ class _ZarrReader:
         self._planned: dict[str, int] = {}  # hook -> the last chunk queued
         self.ahead: ReadAhead[tuple[str, int], np.ndarray] = ReadAhead(self._fetch, READ_AHEAD)
 
-    def plan(self, batch: int) -> None:
+    def plan(self, batch: int, rows: range) -> None:
+        """Queue the chunks of rows `rows` of batch `batch`."""
         keys = []
-        for seg in self.batch_plan.segments(batch):
+        for seg in _rows_of(self.batch_plan.segments(batch), rows.start, rows.stop):
             for hook in self.hooks:
                 if self._planned.get(hook) != seg.chunk:  # a new visit to a chunk
                     self._planned[hook] = seg.chunk
@@ -276,6 +277,7 @@ class ActivationLoader:
         start_batch: int = 0,
         normalize: bool = True,
         prefetch: int = 4,
+        rows: slice = slice(None),
     ):
         m = store.manifest
         if not hooks:
@@ -301,6 +303,10 @@ class ActivationLoader:
         self.prefetch, self.normalize = prefetch, normalize
         self.scales: dict[str, float] = {h: _scale(store, h) if normalize else 1.0 for h in hooks}
         self.plan = BatchPlan(m.n_rows, m.chunk_rows, batch_size, seed)
+        # the rows [lo, hi) of every batch this loader reads (a data-parallel rank's share)
+        self.rows = range(batch_size)[rows]
+        if self.rows.step != 1 or not self.rows:
+            fail(f"the rows {rows} of a batch of {batch_size} are not a non-empty contiguous range")
         self._pin = self.device.type == "cuda"
         self._next = start_batch
         self._stops: list[threading.Event] = []
@@ -345,12 +351,14 @@ class ActivationLoader:
         for stop in list(self._stops):
             stop.set()
 
-    def batch(self, i: int) -> dict[str, torch.Tensor]:
-        """Batch i on the host (pinned for CUDA), built synchronously on the calling thread."""
+    def batch(self, i: int, whole: bool = False) -> dict[str, torch.Tensor]:
+        """Batch i (`whole`: all its rows, not only this loader's share) on the host (pinned for
+        CUDA), built synchronously on the calling thread."""
+        rows = range(self.batch_size) if whole else self.rows
         reader = self._reader()
         try:
-            reader.plan(i)
-            return self._build(i, reader)
+            reader.plan(i, rows)
+            return self._build(i, reader, rows)
         finally:
             reader.close()
 
@@ -359,14 +367,17 @@ class ActivationLoader:
             return _MemmapReader(self.store, self.verifier)
         return _ZarrReader(self.store, self.verifier, self.plan, self.hooks)
 
-    def _build(self, i: int, reader: _MemmapReader | _ZarrReader) -> dict[str, torch.Tensor]:
+    def _build(self, i: int, reader: _MemmapReader | _ZarrReader, rows: range | None = None
+               ) -> dict[str, torch.Tensor]:
+        """Rows `rows` (default: this loader's share) of batch i."""
+        rows = self.rows if rows is None else rows
         dtype = self.store.manifest.dtype
-        segments = self.plan.segments(i)
+        segments = _rows_of(self.plan.segments(i), rows.start, rows.stop)
         out: dict[str, torch.Tensor] = {}
         for hook in self.hooks:
             d_in = self.store.manifest.d_in[hook]
-            x = torch.empty(self.batch_size, d_in, dtype=torch.float32, pin_memory=self._pin)
-            x_np, row = x.numpy(), 0  # [batch, d_in] float32, shares memory with x
+            x = torch.empty(len(rows), d_in, dtype=torch.float32, pin_memory=self._pin)
+            x_np, row = x.numpy(), 0  # [rows, d_in] float32, shares memory with x
             for seg in segments:
                 _decode_into(reader.read(hook, seg), x_np[row : row + seg.n], dtype, self.scales[hook])
                 row += seg.n
@@ -384,7 +395,7 @@ class ActivationLoader:
                     return
                 while planned < min(self.n_batches, i + _PLAN_AHEAD) and (
                         planned <= i or reader.lookahead_wanted()):
-                    reader.plan(planned)
+                    reader.plan(planned, self.rows)
                     planned += 1
                 if not _put(handoff, self._build(i, reader), stop):
                     return
@@ -392,6 +403,17 @@ class ActivationLoader:
             _put(handoff, _Failure(e), stop)
         finally:
             reader.close()
+
+
+def _rows_of(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
+    """The pieces of a batch's segments (in batch order) that hold its rows [lo, hi)."""
+    out, row = [], 0
+    for seg in segments:
+        a, b = max(lo, row), min(hi, row + seg.n)
+        if a < b:
+            out.append(Segment(seg.chunk, seg.start + a - row, b - a))
+        row += seg.n
+    return out
 
 
 def _get(handoff: queue.Queue, stop: threading.Event, thread: threading.Thread) -> object:

@@ -231,8 +231,10 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
         open_member_logs(out, members, ckpt, plan, start)
 
     read = [h for h in plan.hooks if any(h in m.hooks for m in members)]
+    # a data-parallel rank reads only its share of each batch's rows
     loader = ActivationLoader(plan.store, read, cfg.batch_size, plan.total_steps, seed=cfg.seed,
-                              device=plan.device, start_batch=start, normalize=cfg.normalize)
+                              device=plan.device, start_batch=start, normalize=cfg.normalize,
+                              rows=placement.rows)
     pools = make_pools(members, loader, plan, start)
     run = SweepRun(cfg, plan, out, world, placement, members, [m.name for m in members_cfg],
                    sweep_doc["store_fingerprint"])
@@ -300,7 +302,7 @@ def make_pools(members: list[Member], loader: ActivationLoader, plan: Plan, star
     if pools:
         n_back = -(-RESAMPLE_POOL_ROWS // plan.batch_size)
         for i in range(max(0, start - n_back), start):
-            batch = loader.batch(i)
+            batch = loader.batch(i, whole=True)
             for h, pool in pools.items():
                 pool.add(batch[h].to(plan.device))
     return pools
@@ -350,12 +352,13 @@ class SweepRun:
              pools: dict[str, BatchPool], log: bool) -> dict[str, dict[str, Any]]:
         """Train the live members on one batch; their metrics records at a log step."""
         progress = TrainProgress(step, self.plan.total_steps, step * self.cfg.batch_size)
-        # The loader reads the whole batch on every rank; a data-parallel rank trains on its
-        # share of the rows (placement.rows), every other rank on all of them.
-        mine = {h: x[self.placement.rows] for h, x in batch.items()}
-        stepped = [m.step(mine, step, progress, pools, log) for m in live]
+        # `batch` is this rank's share of the rows (placement.rows): all of them, or a
+        # data-parallel rank's slice
+        stepped = [m.step(batch, step, progress, pools, log) for m in live]
         for hook, pool in pools.items():
-            pool.add(batch[hook])  # whole batches: resampling draws the same rows on every rank
+            # whole batches: resampling draws the same rows on every rank (the slices of the
+            # ranks, in rank order, are the batch)
+            pool.add(self.placement.batch.whole(batch[hook]))
         losses = torch.stack([loss.float() for loss, _ in stepped]).tolist()  # one sync
         records: dict[str, dict[str, Any]] = {}
         for m, loss, (_, rec) in zip(live, losses, stepped, strict=True):
