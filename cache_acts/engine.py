@@ -213,10 +213,9 @@ def _run_locked(job: Job, source: Source, resume: bool, overwrite: bool, world: 
     _check_same_folder(state, tmp, world)
     # small, frequent flushes: a big one stalls the model while the queue is full
     flush_bytes = max(min(job.shuffle_memory // 4, FLUSH_BYTES), 1)
-    files = BucketFiles(tmp, state.n_buckets, rec, buffer_bytes=flush_bytes, rank=world.rank,
-                        n_ranks=world.world_size)
+    files = BucketFiles(tmp, state.n_buckets, rec, rank=world.rank, n_ranks=world.world_size)
     if state.phase == SCATTER:
-        _scatter(job, source, state, files, world)
+        _scatter(job, source, state, files, world, flush_bytes)
     return _gather(job, state, files, world)
 
 
@@ -349,7 +348,8 @@ class _Round:
     saw_end: bool  # the source ended in this round
 
 
-def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles, world: World) -> None:
+def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles, world: World,
+             flush_bytes: int) -> None:
     """Pass 1: run the source from the committed cursor, batch k of it on rank k mod N, and
     scatter every rank's rows by their global row index. The ranks meet after each round of N
     batches to number the rows, and commit together once the rows scattered since the last
@@ -391,7 +391,7 @@ def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles, worl
             unflushed += (total - rows) * files.rec.itemsize
             rows = total
             done = any(r.saw_end for r in rounds) or rows == job.max_rows
-            if done or unflushed >= files.buffer_bytes:
+            if done or unflushed >= flush_bytes:
                 _commit_scatter(state, stats, files, writer, world, cursor, rows)
                 unflushed = 0
     finally:
@@ -453,29 +453,28 @@ def chunk_ranges(n_chunks: int, per_shard: int, n_ranks: int) -> list[tuple[int,
 
 
 class _Progress:
-    """Pass 2's view of every rank's progress (the same on every rank): which chunks are
-    committed, and which bucket files no chunk still to write needs."""
+    """Pass 2's view of every rank's progress (the same on every rank): how many chunks are
+    committed, and which bucket files a chunk still to write needs."""
 
     def __init__(self, state: RunState, ranges: list[tuple[int, int]], bucket_rows: list[int],
                  chunk_rows: int):
         self.state, self.ranges = state, ranges
-        ends = np.cumsum(bucket_rows)
-        self.first = [(int(e) - n) // chunk_rows for n, e in zip(bucket_rows, ends, strict=True)]
-        self.last = last_chunk_of_buckets(bucket_rows, chunk_rows)
+        rows = np.asarray(bucket_rows)
+        self.last = np.asarray(last_chunk_of_buckets(bucket_rows, chunk_rows))  # [K], -1: empty
+        self.first = (np.cumsum(rows) - rows) // chunk_rows  # [K] first chunk of each bucket
 
-    def committed(self) -> np.ndarray:
-        """[n_chunks + 1] cumulative count of committed chunks (prefix sums)."""
-        n_chunks = self.ranges[-1][1]
-        done = np.zeros(n_chunks, dtype=bool)
+    def committed(self) -> int:
+        return sum(done - lo for (lo, _), done in zip(self.ranges, self.state.chunks_done,
+                                                     strict=True))
+
+    def needed(self) -> np.ndarray:
+        """[K] bool: buckets with a row in a chunk not yet committed."""
+        done = np.zeros(self.ranges[-1][1] + 1, dtype=np.int64)  # prefix counts of committed
         for (lo, _), upto in zip(self.ranges, self.state.chunks_done, strict=True):
-            done[lo:upto] = True
-        return np.concatenate([[0], np.cumsum(done)])
-
-    def needed(self) -> list[bool]:
-        """Buckets with a row in a chunk not yet committed."""
-        c = self.committed()
-        return [last >= 0 and c[last + 1] - c[first] < last + 1 - first
-                for first, last in zip(self.first, self.last, strict=True)]
+            done[lo + 1:upto + 1] = 1
+        counts = np.cumsum(done)
+        spans = self.last + 1 - self.first
+        return (self.last >= 0) & (counts[self.last + 1] - counts[self.first] < spans)
 
 
 def _gather(job: Job, state: RunState, files: BucketFiles, world: World) -> Manifest:
@@ -502,35 +501,34 @@ def _gather(job: Job, state: RunState, files: BucketFiles, world: World) -> Mani
     start = state.chunks_done[world.rank]
     remaining = [-(-(r_hi - done) // per_shard)
                  for (_, r_hi), done in zip(ranges, state.chunks_done, strict=True)]
-    bar = tqdm(total=m.n_chunks, initial=int(progress.committed()[-1]), unit="chunk",
+    bar = tqdm(total=m.n_chunks, initial=progress.committed(), unit="chunk",
                file=sys.stderr, desc="pass 2/2 shuffle+write", dynamic_ncols=True,
                disable=None if world.is_main else True)
     sink = _shard_sink(group, job.out, m, files.folder)
     written: dict[str, dict[int, int]] = {}  # this rank's checksums since the last meeting
-    removed = [not need for need in progress.needed()]
+    removed = ~progress.needed()
 
     def meet() -> None:
         """Where the ranks commit together (every rank calls it max(remaining) times)."""
         nonlocal written
         everyone = world.all_gather_object((state.chunks_done[world.rank], written))
         written = {}
-        before = int(progress.committed()[-1])
+        before = progress.committed()
         for rank, (done, sums) in enumerate(everyone):
             state.chunks_done[rank] = done
             for path, crcs in sums.items():
                 for chunk, crc in crcs.items():
                     state.checksums[path][chunk] = crc
-        bar.update(int(progress.committed()[-1]) - before)
+        bar.update(progress.committed() - before)
         if world.is_main:
             state.save(files.folder)
             # A bucket whose rows are all in committed shards is never read again, even on
             # resume: deleting it at once bounds the temporary disk space and gives its
             # page-cache pages back for the shards still to write (far cheaper than fresh ones
             # on a VM).
-            for b, need in enumerate(progress.needed()):
-                if not need and not removed[b]:
-                    files.remove(b)
-                    removed[b] = True
+            for b in np.flatnonzero(~progress.needed() & ~removed):
+                files.remove(int(b))
+                removed[b] = True
 
     def commit(index: int, sums: dict[str, int]) -> None:  # chunks start..index are put
         for path, crc in sums.items():

@@ -67,16 +67,14 @@ def bucket_permutation(seed: int, bucket: int, n: int) -> np.ndarray:
 
 class BucketFiles:
     """K append-only files of fixed-size records per rank under `folder` (a rank writes only
-    its own part of each bucket), buffered in memory until `flush()` (the engine flushes about
-    every `buffer_bytes`) makes everything appended so far reach the files. Pass 2 reads every
-    rank's part of a bucket."""
+    its own part of each bucket), buffered in memory until `flush()` makes everything appended
+    so far reach the files. Pass 2 reads every rank's part of a bucket."""
 
-    def __init__(self, folder: Path, n_buckets: int, rec: np.dtype, buffer_bytes: int,
-                 rank: int = 0, n_ranks: int = 1):
+    def __init__(self, folder: Path, n_buckets: int, rec: np.dtype, rank: int = 0,
+                 n_ranks: int = 1):
         self.folder = folder
         self.n_buckets = n_buckets
         self.rec = rec
-        self.buffer_bytes = buffer_bytes
         self.rank, self.n_ranks = rank, n_ranks
         self._pending: list[list[np.ndarray]] = [[] for _ in range(n_buckets)]
         folder.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def _scatter(tmp_path, n, seed, k, d=3, batch=7, n_ranks=1):
     rank 0's files and the rows of each part [rank][bucket]."""
     rec = record_dtype(["h"], {"h": d}, "float32")
     folder = tmp_path / f"b{seed}-{n_ranks}"
-    ranks = [BucketFiles(folder, k, rec, buffer_bytes=50, rank=r, n_ranks=n_ranks)
+    ranks = [BucketFiles(folder, k, rec, rank=r, n_ranks=n_ranks)
              for r in range(n_ranks)]
     for j, start in enumerate(range(0, n, batch)):
         files = ranks[j % n_ranks]
@@ -117,7 +117,7 @@ def test_permutation_is_uniform(tmp_path):
     counts = np.zeros(len(perms))
     for seed in range(2400):
         rec = record_dtype(["h"], {"h": 1}, "float32")
-        files = BucketFiles(tmp_path / "u", 4, rec, buffer_bytes=10**6)
+        files = BucketFiles(tmp_path / "u", 4, rec)
         idx = np.arange(4)
         rb = RowBatch({"h": idx[:, None].astype(np.float32)}, idx.astype(np.int32), idx,
                       idx.astype(np.int32), cursor=4)
