@@ -13,7 +13,7 @@ from cache_acts.state import RunState, tmp_dir
 from shared.errors import fail, first_line
 from shared.fingerprint import short
 from shared.storage import Location, as_location
-from shared.store import STORAGE_DTYPES, Manifest, Store, acts_path, checksum, open_store
+from shared.store import STORAGE_DTYPES, Manifest, Store, checksum, hook_of, open_store
 
 
 def _size_stored(where: Location) -> int:
@@ -152,7 +152,7 @@ def _check_array(store: Store, p: str, problems: list[str]) -> None:
     except KeyError:
         problems.append(f"array {p} is missing")
         return
-    hook = p[len(acts_path("")):] if p.startswith(acts_path("")) else None
+    hook = hook_of(p)
     shape = (m.n_rows, m.d_in[hook]) if hook else (m.n_rows,)
     if tuple(arr.shape) != shape:
         problems.append(f"array {p} has shape {tuple(arr.shape)}, the manifest says {shape}")

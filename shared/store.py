@@ -234,6 +234,12 @@ def acts_path(hook: str) -> str:
     return f"{ACTS_GROUP}/{hook}"
 
 
+def hook_of(array_path: str) -> str | None:
+    """The hook an array path holds (`acts/<hook>`), or None for a metadata array."""
+    prefix = acts_path("")
+    return array_path[len(prefix):] if array_path.startswith(prefix) else None
+
+
 def create_store(path: str | Path, manifest: Manifest, overwrite: bool = False) -> zarr.Group:
     """Create the group and its (empty) arrays, with `manifest.complete` False."""
     assert not manifest.complete
@@ -347,7 +353,7 @@ class Store:
         were padded, cut or swapped must not be read as if it were whole)."""
         m = self.manifest
         for path in m.array_paths():
-            hook = path[len(ACTS_GROUP) + 1:] if path.startswith(ACTS_GROUP + "/") else None
+            hook = hook_of(path)
             want = (m.n_rows, m.d_in[hook]) if hook is not None else (m.n_rows,)
             try:
                 shape = tuple(self.group[path].shape)
@@ -393,7 +399,7 @@ class Store:
         uncompressed array; refuses (UserError) a missing or damaged object rather than pointing
         at wrong bytes."""
         m = self.manifest
-        hook = array_path[len(ACTS_GROUP) + 1:] if array_path.startswith(ACTS_GROUP + "/") else None
+        hook = hook_of(array_path)
         dtype = STORAGE_DTYPES[m.dtype] if hook else np.dtype(META_ARRAYS[array_path])
         nbytes = m.chunk_rows * (m.d_in[hook] if hook else 1) * dtype.itemsize
         shard, inner = divmod(chunk, m.chunks_per_shard)
@@ -433,7 +439,7 @@ class Store:
 def _object_key(array_path: str, index: int) -> str:
     """Stored object `index` along rows (a chunk in format 1, a shard in format 2) of an array,
     with the default key encoding: <array>/c/<index>[/0 for 2-d arrays]."""
-    ndim = 2 if array_path.startswith(ACTS_GROUP + "/") else 1
+    ndim = 2 if hook_of(array_path) is not None else 1
     return "/".join([array_path, "c", str(index), *["0"] * (ndim - 1)])
 
 

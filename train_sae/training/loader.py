@@ -170,9 +170,10 @@ class _MemmapReader:
 
 class _ZarrReader:
     """Rows of a compressed store through the Zarr API, or of a remote uncompressed one by
-    ranged reads at the offsets of its shard indexes; each row chunk read once per visit. The chunks of the batches ahead are fetched in parallel on `READ_AHEAD` threads
-    (at most that many held at once), so a remote store's round trips overlap: `plan(batch)`
-    queues a batch's chunks in the order `read` will ask for them."""
+    ranged reads at the offsets of its shard indexes; each row chunk read once per visit. The
+    chunks of the batches ahead are fetched in parallel on `READ_AHEAD` threads (at most that
+    many held at once), so a remote store's round trips overlap: `plan(batch, rows)` queues a
+    batch's chunks in the order `read` will ask for them."""
 
     def __init__(self, store: Store, verifier: ChunkVerifier, plan: BatchPlan, hooks: list[str]):
         self.store, self.verifier, self.batch_plan, self.hooks = store, verifier, plan, hooks
