@@ -202,3 +202,14 @@ def write_multihook_store(
     manifest.complete = True
     write_manifest(group, manifest)
     return open_store(path)
+
+
+def build_crosscoder(arch: str, splits: list[int], hooks: list[str], d_sae: int, params: dict,
+                     seed: int):
+    """A crosscoder over `hooks` of widths `splits` through the one registry."""
+    from train_sae.dictionaries import IO, build
+
+    if len(hooks) != len(splits):
+        fail(f"got {len(hooks)} hook names for {len(splits)} splits; give one d_in per hook")
+    pairs = tuple(zip(hooks, splits, strict=True))
+    return build(arch, IO(pairs, pairs), d_sae, params, seed)

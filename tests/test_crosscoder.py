@@ -10,12 +10,9 @@ import torch
 
 from shared.errors import UserError
 from train_sae.dictionaries.base import TrainProgress
-from train_sae.dictionaries.crosscoder import (
-    Crosscoder,
-    TopKCrosscoder,
-    build_crosscoder,
-    crosscoder_arch_params,
-)
+from synthetic import build_crosscoder
+from train_sae.dictionaries import arch_params
+from train_sae.dictionaries.crosscoder import Crosscoder, TopKCrosscoder
 from train_sae.evaluation.crosscoder_metrics import (
     crosscoder_metrics,
     plot_relative_norms,
@@ -61,11 +58,11 @@ def test_different_d_in_per_hook():
     for h, (w, b) in enumerate(zip(cc.W_dec_blocks(), torch.split(cc.b_dec, [3, 7]), strict=True)):
         torch.testing.assert_close(cc.split(x_hat)[h], acts @ w + b)
     batch = {"h1": x[:, 3:], "h0": x[:, :3], "other": torch.zeros(4, 2)}
-    assert torch.equal(cc.concat_hooks(batch), x)  # hook order, not dict order
-    with pytest.raises(UserError, match="no activations for hooks"):
-        cc.concat_hooks({"h0": x[:, :3]})
+    assert torch.equal(cc.inputs(batch), x)  # hook order, not dict order
+    with pytest.raises(UserError, match="no activations for input hooks"):
+        cc.inputs({"h0": x[:, :3]})
     with pytest.raises(UserError, match="do not match"):
-        cc.concat_hooks({"h0": x[:, :3], "h1": x[:, 4:]})
+        cc.inputs({"h0": x[:, :3], "h1": x[:, 4:]})
     norms = cc.decoder_norms()
     assert norms.shape == (6, 2)
     torch.testing.assert_close(norms[:, 1], cc.W_dec[:, 3:].norm(dim=1))
@@ -91,7 +88,7 @@ def test_loss_weights_l1_by_sum_of_per_hook_decoder_norms():
     recon = sum(float(((x_hat[i] - x[i]) ** 2).sum()) for i in range(2)) / 2
     out = cc.training_forward(x, TrainProgress(step=0, total_steps=10, tokens_seen=0))
     torch.testing.assert_close(out.acts, acts)
-    assert math.isclose(float(out.parts["l1"]), 0.5 * penalty, rel_tol=1e-6)
+    assert math.isclose(float(out.parts["l1"]), penalty, rel_tol=1e-6)  # parts are unweighted
     assert math.isclose(float(out.parts["mse"]), recon, rel_tol=1e-6)
     assert math.isclose(float(out.loss.detach()), recon + 0.5 * penalty, rel_tol=1e-6)
 
@@ -99,10 +96,12 @@ def test_loss_weights_l1_by_sum_of_per_hook_decoder_norms():
 def test_l1_warmup_is_linear_over_the_fraction():
     cc = build_crosscoder("crosscoder", [4, 4], ["a", "b"], 8,
                           {"l1_coefficient": 2.0, "l1_warmup_fraction": 0.1}, seed=0)
-    at = [cc.l1_coefficient_at(TrainProgress(s, 1000, 0)) for s in (0, 50, 100, 500)]
-    assert at == [0.0, 1.0, 2.0, 2.0]
+    # the one warm-up scheduler (SAELens' convention): (step + 1) / warm-up steps of the value
+    at = [cc.coefficient_at("l1", TrainProgress(s, 1000, 0)) for s in (0, 49, 99, 500)]
+    assert at == [0.02, 1.0, 2.0, 2.0]
     x = torch.randn(16, 8)
-    assert float(cc.training_forward(x, TrainProgress(0, 1000, 0)).parts["l1"]) == 0.0
+    out = cc.training_forward(x, TrainProgress(0, 1000, 0))
+    torch.testing.assert_close(out.loss, out.parts["mse"] + 0.02 * out.parts["l1"])
 
 
 def test_init_flattened_decoder_norm_and_transpose():
@@ -148,25 +147,25 @@ def test_topk_keeps_k_largest_and_has_no_penalty():
     top4 = pre.topk(4, dim=1)
     torch.testing.assert_close(acts.gather(1, top4.indices), torch.relu(top4.values))
     out = cc.training_forward(x, TrainProgress(5, 10, 0))
-    assert set(out.parts) == {"mse"}
+    assert set(out.parts) == {"mse", "aux"} and float(out.parts["aux"]) == 0.0  # none dead yet
     torch.testing.assert_close(out.loss, (cc(x) - x).pow(2).sum(-1).mean())
 
 
 @pytest.mark.parametrize(
     "arch, splits, hooks, d_sae, params, match",
     [
-        ("crosscoder_x", [4, 4], ["a", "b"], 8, {}, "unknown crosscoder arch"),
-        ("crosscoder", [], [], 8, {}, "at least one hook"),
+        ("crosscoder_x", [4, 4], ["a", "b"], 8, {}, "unknown architecture 'crosscoder_x'"),
+        ("crosscoder", [], [], 8, {}, "needs input hooks"),
         ("crosscoder", [4, 4], ["a"], 8, {}, "2 splits"),
         ("crosscoder", [4, 4], ["a", "a"], 8, {}, "duplicate hook names"),
-        ("crosscoder", [4, 0], ["a", "b"], 8, {}, "positive integer"),
-        ("crosscoder", [4, 4], ["a", "b"], 0, {}, "d_sae must be"),
+        ("crosscoder", [4, 0], ["a", "b"], 8, {}, "positive widths"),
+        ("crosscoder", [4, 4], ["a", "b"], 0, {}, "width must be an integer >= 1"),
         ("crosscoder", [4, 4], ["a", "b"], 8, {"k": 2}, "k does not apply"),
-        ("crosscoder", [4, 4], ["a", "b"], 8, {"l1_coefficient": -1.0}, "l1_coefficient"),
+        ("crosscoder", [4, 4], ["a", "b"], 8, {"l1_coefficient": -1.0}, "--l1 must be >= 0"),
         ("crosscoder", [4, 4], ["a", "b"], 8, {"l1_warmup_fraction": 1.0}, "l1_warmup_fraction"),
-        ("crosscoder", [4, 4], ["a", "b"], 8, {"dec_init_norm": 0.0}, "dec_init_norm"),
+        ("crosscoder", [4, 4], ["a", "b"], 8, {"dec_init_norm": 0.0}, "dec_init_norm must be > 0"),
         ("crosscoder_topk", [4, 4], ["a", "b"], 8, {"k": 9}, "larger than the width"),
-        ("crosscoder_topk", [4, 4], ["a", "b"], 8, {"k": 0}, "k must be an integer"),
+        ("crosscoder_topk", [4, 4], ["a", "b"], 8, {"k": 0}, "--k must be >= 1"),
         ("crosscoder_topk", [4, 4], ["a", "b"], 8, {"l1_coefficient": 1.0}, "does not apply"),
     ],
 )
@@ -176,9 +175,10 @@ def test_bad_configs_raise_user_error(arch, splits, hooks, d_sae, params, match)
 
 
 def test_arch_params_and_registry():
-    assert crosscoder_arch_params("crosscoder") == {"l1_coefficient", "l1_warmup_fraction",
-                                                    "dec_init_norm"}
-    assert crosscoder_arch_params("crosscoder_topk") == {"k", "dec_init_norm"}
+    assert arch_params("crosscoder") == {"l1_coefficient", "l1_warmup_fraction", "dec_init_norm"}
+    assert arch_params("crosscoder_topk") == {"k", "k_aux", "aux_coefficient",
+                                              "dead_tokens_threshold", "aux_normalize",
+                                              "dec_init_norm"}
     assert type(build_crosscoder("crosscoder", [2], ["a"], 2, {}, 0)) is Crosscoder
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import UserError
-from train_sae.dictionaries.crosscoder import build_crosscoder
+from synthetic import build_crosscoder
 from train_sae.training.crosscoder_saving import (
     CFG_FILE,
     SPARSITY_FILE,
@@ -54,7 +54,7 @@ def test_round_trip_stacked_layout(tmp_path, arch, params):
     torch.testing.assert_close(loaded.encode(x), cc.encode(x * col))
     torch.testing.assert_close(loaded(x), cc(x * col) / col)
 
-    assert cfg["arch"] == arch and cfg["params"] == {**cc.hyperparameters()} and cfg["d_sae"] == 10
+    assert cfg["arch"] == arch and cfg["params"] == cc.cfg.to_dict() and cfg["d_sae"] == 10
     assert cfg["d_in_per_hook"] == {"blocks.0.hook_resid_post": 6, "blocks.1.hook_resid_post": 6}
     assert cfg["input_scales_folded"] == scales and cfg["models"] == ["gpt2", "gpt2-chat"]
     assert cfg["weight_layout"] == "stacked" and cfg["tokens"] == 123

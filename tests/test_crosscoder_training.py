@@ -13,7 +13,8 @@ import torch
 from synthetic import make_paired_data
 
 from train_sae.dictionaries.base import TrainProgress
-from train_sae.dictionaries.crosscoder import Crosscoder, build_crosscoder
+from synthetic import build_crosscoder
+from train_sae.dictionaries.crosscoder import Crosscoder
 from train_sae.evaluation.crosscoder_metrics import crosscoder_metrics, relative_decoder_norms
 
 D_HOOK = 32  # width of each hook

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from train_sae.dictionaries.base import SAE
+from train_sae.dictionaries.base import IO, SAE
 from train_sae.evaluation.evaluate import (
     ReconStats,
     SpliceTarget,
@@ -29,10 +29,13 @@ class IdentitySAE(SAE):
 
     arch = "identity"
 
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__(IO.same({"x": d_in}), d_sae, None)
+
     def encode(self, x):
         return x
 
-    def decode(self, acts):
+    def decode(self, acts, x=None):
         return acts
 
 
@@ -42,7 +45,7 @@ class RandomReluSAE(SAE):
     arch = "random"
 
     def __init__(self, d_in: int, d_sae: int, seed: int):
-        super().__init__(d_in, d_sae)
+        super().__init__(IO.same({"x": d_in}), d_sae, None)
         g = torch.Generator().manual_seed(seed)
         self.W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
         self.b_enc = torch.randn(d_sae, generator=g) * 0.1 - 0.2
@@ -51,7 +54,7 @@ class RandomReluSAE(SAE):
     def encode(self, x):
         return torch.relu(x @ self.W_enc + self.b_enc)
 
-    def decode(self, acts):
+    def decode(self, acts, x=None):
         return acts @ self.W_dec
 
 

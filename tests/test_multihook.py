@@ -218,7 +218,7 @@ def test_store_hook_of_a_tagged_model_maps_to_its_model():
                          "out); choose one with --hook, several with repeated --hook, or every"),
     (["--hook", "all", "--arch", "crosscoder", "--k", 4], "--k applies to none of the chosen"),
     (["--hook", "all", "--arch", "crosscoder_topk", "--param", "dec_init_norm=0"],
-     "dec_init_norm must be > 0.0"),
+     "dec_init_norm must be > 0 (got 0.0)"),
 ])
 def test_bad_hook_choices_exit_2_with_one_line(two_hooks, tmp_path, monkeypatch, capsys, extra,
                                                message):

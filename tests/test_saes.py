@@ -4,16 +4,19 @@ decoder constraints and folding of the input scaling."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from shared.errors import UserError
-from train_sae.dictionaries import REGISTRY, TrainProgress, arch_params, build_sae
+from train_sae.dictionaries import REGISTRY, TrainProgress, arch_params, build_sae, io_kind
 from train_sae.dictionaries.jumprelu import JumpReLUSAE
 
+SAE_ARCHS = sorted(a for a in REGISTRY if io_kind(a) == "sae")  # one hook in, the same out
+
 PROGRESS = TrainProgress(step=0, total_steps=100, tokens_seen=0)
-SMALL = {"topk": {"k": 4}, "batchtopk": {"k": 4}}
+SMALL = {"topk": {"k": 4}, "batchtopk": {"k": 4}, "matryoshka_batchtopk": {"k": 4}}
 
 
 def make(arch: str, d_in: int = 16, d_sae: int = 48, seed: int = 0, **params):
@@ -27,13 +30,14 @@ def perturbed(arch: str, seed: int = 0):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    if arch == "batchtopk":
+    if "batchtopk" in arch:
         sae.training_forward(torch.randn(64, 16, generator=gen), PROGRESS)
     return sae
 
 
 def test_registry_names_and_params():
-    assert set(REGISTRY) == {"relu", "april", "topk", "batchtopk", "jumprelu", "gated"}
+    assert set(SAE_ARCHS) == {"relu", "april", "topk", "batchtopk", "jumprelu", "gated",
+                              "matryoshka_batchtopk"}
     assert arch_params("relu") == {"l1_coefficient"}
     assert arch_params("april") == {"l1_coefficient", "l1_warmup_fraction"}
     topk = {"k", "k_aux", "aux_coefficient", "dead_tokens_threshold", "aux_normalize"}
@@ -41,37 +45,43 @@ def test_registry_names_and_params():
     assert arch_params("batchtopk") == topk | {"threshold_ema"}
     assert arch_params("jumprelu") == {"l0_coefficient", "bandwidth", "init_threshold"}
     assert arch_params("gated") == {"l1_coefficient"}
-    for arch, cls in REGISTRY.items():
-        assert cls.arch == arch
+    assert arch_params("matryoshka_batchtopk") == topk | {"threshold_ema", "matryoshka_widths"}
+    for arch, variants in REGISTRY.items():
+        assert all(cls.arch == arch and cls.sparsity == s for s, cls in variants.items())
 
 
 @pytest.mark.parametrize(
     ("arch", "d_sae", "params", "message"),
     [
         ("mlp", 8, {}, "unknown architecture 'mlp'; choose one of relu, april"),
-        ("relu", 0, {}, "width must be >= 1"),
+        ("relu", 0, {}, "the width must be an integer >= 1"),
         ("relu", 8, {"k": 4}, "k does not apply to arch 'relu'"),
         ("topk", 8, {"l1_coefficient": 1.0}, "l1_coefficient does not apply to arch 'topk'"),
-        ("relu", 8, {"l1_coefficient": -1.0}, "l1_coefficient must be a finite number >= 0"),
-        ("april", 8, {"l1_warmup_fraction": 1.5}, "l1_warmup_fraction must be in [0, 1]"),
-        ("topk", 8, {"k": 0}, "k must be an integer >= 1"),
-        ("topk", 8, {"k": 9}, "k=9 is larger than the SAE width 8"),
-        ("batchtopk", 8, {"k": 2.5}, "k must be an integer >= 1"),
-        ("topk", 8, {"k": 2, "k_aux": 0}, "k_aux must be an integer >= 1"),
-        ("topk", 8, {"k": 2, "dead_tokens_threshold": 0}, "dead_tokens_threshold must be"),
-        ("topk", 8, {"k": 2, "aux_normalize": "yes"}, "aux_normalize must be true or false"),
-        ("batchtopk", 8, {"k": 2, "threshold_ema": 2.0}, "threshold_ema must be in [0, 1]"),
-        ("jumprelu", 8, {"bandwidth": 0.0}, "bandwidth must be a finite number > 0"),
-        ("jumprelu", 8, {"init_threshold": -1.0}, "init_threshold must be a finite number > 0"),
-        ("gated", 8, {"l1_coefficient": math.nan}, "l1_coefficient must be a finite number"),
+        ("relu", 8, {"l1_coefficient": -1.0}, "--l1 must be >= 0 (got -1.0)"),
+        ("april", 8, {"l1_warmup_fraction": 1.5}, "l1_warmup_fraction must be >= 0 and < 1"),
+        ("topk", 8, {"k": 0}, "--k must be >= 1 (got 0)"),
+        ("topk", 8, {"k": 9}, "k=9 is larger than the width 8"),
+        ("batchtopk", 8, {"k": 2.5}, "--k takes whole numbers, got 2.5"),
+        ("topk", 8, {"k": 2, "k_aux": 0}, "--k-aux must be >= 1"),
+        ("topk", 8, {"k": 2, "dead_tokens_threshold": 0}, "dead_tokens_threshold must be >= 1"),
+        ("topk", 8, {"k": 2, "aux_normalize": "yes"}, "aux_normalize takes on/off values"),
+        ("batchtopk", 8, {"k": 2, "threshold_ema": 2.0}, "threshold_ema must be >= 0 and <= 1"),
+        ("jumprelu", 8, {"bandwidth": 0.0}, "bandwidth must be > 0"),
+        ("jumprelu", 8, {"init_threshold": -1.0}, "init_threshold must be > 0"),
+        ("gated", 8, {"l1_coefficient": math.nan}, "--l1 takes finite numbers, got nan"),
+        ("matryoshka_batchtopk", 8, {"k": 2, "matryoshka_widths": [4, 2, 8]},
+         "must increase strictly"),
+        ("matryoshka_batchtopk", 8, {"k": 2, "matryoshka_widths": [2, 4]},
+         "must end at the width 8"),
+        ("matryoshka_batchtopk", 8, {"k": 2, "matryoshka_widths": [0, 8]}, "must be >= 1"),
     ],
 )
 def test_bad_params_are_user_errors(arch, d_sae, params, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         build_sae(arch, 4, d_sae, params, 0)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_same_seed_same_init_other_seed_differs(arch):
     a, b, c = make(arch, seed=3), make(arch, seed=3), make(arch, seed=4)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -79,7 +89,7 @@ def test_same_seed_same_init_other_seed_differs(arch):
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_init_shapes_and_tied_encoder(arch):
     sae = make(arch)
     assert sae.W_enc.shape == (16, 48) and sae.W_dec.shape == (48, 16)
@@ -90,7 +100,8 @@ def test_init_shapes_and_tied_encoder(arch):
     torch.testing.assert_close(norms, torch.full_like(norms, expected))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "gated",
+                                  "matryoshka_batchtopk"])
 def test_unit_norm_decoder_kept_through_adam_steps(arch):
     sae = make(arch)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
@@ -136,7 +147,7 @@ def test_april_l1_weighted_by_decoder_norm_with_warmup():
         out = sae.training_forward(x, TrainProgress(step, 1000, 0))
         torch.testing.assert_close(out.loss, mse + coefficient * l1)
     no_warmup = build_sae("april", 16, 48, {"l1_coefficient": 2.0, "l1_warmup_fraction": 0}, 0)
-    assert no_warmup.l1_coefficient_at(TrainProgress(0, 1000, 0)) == 2.0
+    assert no_warmup.coefficient_at("l1", TrainProgress(0, 1000, 0)) == 2.0
 
 
 def test_topk_keeps_k_largest_positive():
@@ -282,7 +293,7 @@ def test_gated_loss_by_hand():
     torch.testing.assert_close(out.parts["l1"], torch.relu(gate).sum(1).mean())
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_fold_input_scaling(arch):
     scale = 3.7
     sae = perturbed(arch).eval()

@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import UserError
-from train_sae.dictionaries import REGISTRY, TrainProgress, build_sae
+from train_sae.dictionaries import REGISTRY, TrainProgress, build_sae, io_kind
 from train_sae.training.saving import load_sae, save_sae
 
+SAE_ARCHS = sorted(a for a in REGISTRY if io_kind(a) == "sae")
 SCALE = 2.5
 SAELENS_ARCH = {"relu": "standard", "april": "standard", "topk": "topk",
-                "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
+                "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated",
+                "matryoshka_batchtopk": "jumprelu"}
 WEIGHTS = {
     "standard": {"W_enc": (16, 40), "b_enc": (40,), "W_dec": (40, 16), "b_dec": (16,)},
     "topk": {"W_enc": (16, 40), "b_enc": (40,), "W_dec": (40, 16), "b_dec": (16,)},
@@ -42,7 +44,7 @@ def save(sae, folder, **extra):
                     extra_cfg=extra, sparsity=sparsity, input_scale=SCALE)
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_layout_and_cfg(tmp_path, arch):
     sae = trained_like(arch)
     before = {k: v.clone() for k, v in sae.state_dict().items()}
@@ -70,7 +72,7 @@ def test_layout_and_cfg(tmp_path, arch):
         assert torch.equal(v, before[k]), k
 
 
-@pytest.mark.parametrize("arch", sorted(REGISTRY))
+@pytest.mark.parametrize("arch", SAE_ARCHS)
 def test_round_trip_is_exact_and_folded(tmp_path, arch):
     sae = trained_like(arch)
     save(sae, tmp_path)

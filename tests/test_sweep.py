@@ -18,9 +18,9 @@ def test_options_cross_only_with_the_archs_they_apply_to():
     names = sorted(m.name for m in members)
     assert len(members) == 4
     assert sum(m.arch == "topk" for m in members) == 2
-    assert {m.params["k"] for m in members if m.arch == "topk"} == {16, 32}
-    assert {m.params["l1_coefficient"] for m in members if m.arch == "relu"} == {1e-3, 5e-3}
-    assert all("l1_coefficient" not in m.params for m in members if m.arch == "topk")
+    assert {m.params.k for m in members if m.arch == "topk"} == {16, 32}  # typed configs
+    assert {m.params.l1_coefficient for m in members if m.arch == "relu"} == {1e-3, 5e-3}
+    assert all(not hasattr(m.params, "l1_coefficient") for m in members if m.arch == "topk")
     assert len(set(names)) == 4
 
 
@@ -124,7 +124,8 @@ def test_several_hooks_give_per_hook_saes_and_one_crosscoder_over_all():
     assert cc.hooks == ("a", "m/b") and cc.d_sae == 2 * (16 + 8)  # expansion x summed d_in
     assert (cc.optim.lr, cc.optim.beta1, cc.optim.beta2, cc.optim.lr_decay_frac,
             cc.optim.grad_clip) == (5e-5, 0.9, 0.999, 0.2, 1.0)
-    assert cc.params == {"l1_coefficient": 1.0, "dec_init_norm": 0.1}
+    assert cc.params.to_dict() == {"l1_coefficient": 1.0, "dec_init_norm": 0.1,
+                                   "l1_warmup_fraction": 0.05}
     assert type(cc).from_dict(cc.to_dict()) == cc
     with pytest.raises(UserError, match="crosscoder reads several hooks at once but only a is"):
         expand_grid(GridSpec(archs=["crosscoder"], widths=[8]), {"a": 16}, BATCH, STEPS)

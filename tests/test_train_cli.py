@@ -41,7 +41,7 @@ def base(store, out):
     (["--arch", "topk", "--width", 8, "--tokens", 10], "at least one batch"),
     (["--arch", "topk", "--width", 8, "--tokens", "lots"], "cannot read count 'lots'"),
     (["--arch", "topk", "--width", 8, "--param", "bandwidth"], "NAME=V1,V2"),
-    (["--arch", "topk", "--width", 8, "--lr", "-1"], "--lr must be a positive number"),
+    (["--arch", "topk", "--width", 8, "--lr", "-1"], "--lr must be > 0"),
     (["--width", 8], "no architecture given"),
 ])
 def test_bad_options_exit_2_with_one_line(store, tmp_path, monkeypatch, capsys, extra, message):

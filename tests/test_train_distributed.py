@@ -50,8 +50,8 @@ SPREAD = ["--hook", "all", "--arch", "topk,relu,crosscoder", "--width", "32", "-
           "--l1", "1", "--lr", "1e-2", "--batch-size", "64", "--log-every", "10",
           "--device", "cpu", "--resample-at", "0.5"]
 # the five members above: a--topk, a--relu (512 each), b--topk, b--relu (256), crosscoder (768)
-SPREAD_LINE = ("members spread over 2 ranks by cost (width x d_in): rank 0 trains 3 (cost 1280), "
-               "rank 1 trains 2 (cost 1024)")
+SPREAD_LINE = ("members spread over 2 ranks by cost (width x (d_in + d_out)): rank 0 trains 3 "
+               "(cost 2560), rank 1 trains 2 (cost 2048)")
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +356,7 @@ def test_place_spreads_by_cost_or_shards_the_batch():
                MemberConfig("topk", 32, hooks=("b",), name="b32"),
                MemberConfig("crosscoder", 16, hooks=("a", "b"), name="cc"),
                MemberConfig("topk", 32, hooks=("a",), name="a32")]
-    assert [member_cost(m, dims) for m in members] == [1024, 256, 384, 512]
+    assert [member_cost(m, dims) for m in members] == [2048, 512, 768, 1024]
     one = place(members, dims, 64, World(), data_parallel=True)
     assert one.trains == (0, 1, 2, 3) and one.writes and one.batch is WHOLE_BATCH
     r0, r1 = (place(members, dims, 64, World(r, 2), data_parallel=False) for r in (0, 1))

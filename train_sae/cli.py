@@ -3,7 +3,12 @@
 Both commands take the same options; in `sweep` the hyperparameter options take comma-separated
 lists that expand to a grid (see train_sae/training/sweep.py), `run` must describe exactly one SAE.
 `--hook` may be repeated (or `--hook all`): SAE members are trained for every chosen hook and
-crosscoder members read all of them, in one pass over the store.
+crosscoder members read all of them; `--out-hook` (repeated, one per `--hook`) names the hooks
+transcoders and CLTs predict; all in one pass over the store.
+
+The hyperparameter options (`--k`, `--l1`, `--lr`, ...) are not written here: one option per
+entry of train_sae/params.py with a `flag` is added to the commands' signature (`with_params`),
+and every entry also works as `--param NAME=V1,V2`.
 
 Under `torchrun --nproc-per-node N --no-python train-sae sweep ...` the members are spread over
 the N ranks (or, with --data-parallel, each member is trained on every rank on a share of each
@@ -13,9 +18,11 @@ progress bar and the summary; every rank exits with the same code.
 
 from __future__ import annotations
 
+import inspect
 import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -25,8 +32,17 @@ from shared.errors import fail, run_cli
 from shared.storage import location, parse_storage_options
 from shared.units import parse_count
 from train_sae.cli_eval import eval_command, report_command
+from train_sae.dictionaries import REGISTRY
+from train_sae.params import PARAMS
 from train_sae.training.config import DEFAULT_RESAMPLE_AT, TrainConfig
-from train_sae.training.sweep import GridSpec, expand_grid, load_toml, option_type, parse_list
+from train_sae.training.sweep import (
+    GridSpec,
+    applies,
+    expand_grid,
+    load_toml,
+    parse_list,
+    parse_values,
+)
 from train_sae.training.trainer import MemberResult, prepare, resolve_device, train
 
 # `train-sae run/sweep` exit codes: 0 when at least one member finished, 2 for bad input (one
@@ -44,6 +60,9 @@ StorageOption = Annotated[list[str] | None, typer.Option(
 Out = Annotated[Path, typer.Option(help="sweep folder: one sub-folder per SAE, plus sweep.json")]
 Hook = Annotated[list[str] | None, typer.Option(
     help="hook to train on; repeat for several, or `all` (default: the store's only hook)")]
+OutHook = Annotated[list[str] | None, typer.Option(
+    help="hook a transcoder or CLT predicts, one per --hook in the same order (e.g. --hook "
+         "blocks.0.ln2.hook_normalized --out-hook blocks.0.hook_mlp_out)")]
 Tokens = Annotated[str | None, typer.Option(
     help="training tokens, e.g. 50M or 2e8 (default: every row once)")]
 BatchSize = Annotated[int, typer.Option(help="activations per training step")]
@@ -66,62 +85,74 @@ Normalize = Annotated[bool, typer.Option(
          "activations")]
 
 
-def _opt(help_text: str) -> Any:
-    return Annotated[str | None, typer.Option(help=help_text)]
-
-
-Arch = _opt("architectures: relu, april, topk, batchtopk, jumprelu, gated, crosscoder, "
-            "crosscoder_topk (crosscoders read all the chosen hooks)")
-Width = _opt("SAE widths (latents), e.g. 4096,8192")
-Expansion = _opt("SAE widths as multiples of d_in, e.g. 8,16")
-K = _opt("top-k (topk, batchtopk, crosscoder_topk)")
-KAux = _opt("AuxK dead latents used (topk, batchtopk)")
-AuxCoef = _opt("AuxK loss coefficient (topk, batchtopk)")
-L1 = _opt("L1 coefficient (relu, april, gated, crosscoder)")
-L0 = _opt("L0 penalty coefficient (jumprelu)")
-Lr = _opt("learning rate (default per arch)")
-Beta1 = _opt("Adam beta1 (default 0.9)")
-Beta2 = _opt("Adam beta2 (default 0.999)")
-Warmup = _opt("LR warm-up steps from lr/10 (also after each resampling)")
-Decay = _opt("fraction of final steps over which the LR decays linearly to 0")
-Clip = _opt("max gradient norm (0: off)")
-Resample = _opt("Anthropic resampling of dead latents: on,off (relu; default on)")
+Arch = Annotated[str | None, typer.Option(
+    help="architectures, comma-separated: " + ", ".join(REGISTRY) + " (crosscoders read all "
+         "the chosen hooks; transcoders and CLTs predict the --out-hook hooks)")]
+Width = Annotated[str | None, typer.Option(help="widths (latents), e.g. 4096,8192")]
+Expansion = Annotated[str | None, typer.Option(
+    help="widths as multiples of d_in (summed over a crosscoder's or CLT's hooks), e.g. 8,16")]
 ResampleAt = Annotated[str | None, typer.Option(
     help="fractions of training at which to resample (default 0.25,0.5,0.75)")]
 Param = Annotated[list[str] | None, typer.Option(
-    help="any arch hyperparameter as NAME=V1,V2 (repeatable), e.g. bandwidth=0.001 or "
+    help="any hyperparameter as NAME=V1,V2 (repeatable), e.g. bandwidth=0.001 or "
          "dec_init_norm=0.08,0.2")]
 
-FLAG_KEYS = {"k": "k", "k_aux": "k_aux", "aux_coefficient": "aux_coefficient",
-             "l1": "l1_coefficient", "l0": "l0_coefficient", "lr": "lr", "beta1": "beta1",
-             "beta2": "beta2", "lr_warmup_steps": "lr_warmup_steps",
-             "lr_decay_frac": "lr_decay_frac", "grad_clip": "grad_clip", "resample": "resample"}
+
+def hyperparameter_options() -> list[inspect.Parameter]:
+    """One `--flag` option per hyperparameter declared with a flag (train_sae/params.py),
+    its help naming the architectures that take it."""
+    options = []
+    for p in PARAMS.values():
+        if p.flag is None:
+            continue
+        archs = [a for a in REGISTRY if applies(a, p.name)]
+        text = p.help + (f" ({', '.join(archs)})" if len(archs) < len(REGISTRY) else "")
+        options.append(inspect.Parameter(
+            p.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[str | None, typer.Option(f"--{p.flag}", help=text)]))
+    return options
+
+
+def with_params(command):
+    """`command(**fixed, hyperparameters)` with the hyperparameter options added to its
+    signature, so typer offers them."""
+    sig = inspect.signature(command)
+    hints = typing.get_type_hints(command, include_extras=True)  # the Annotated options
+    fixed = [q.replace(annotation=hints[q.name]) for q in sig.parameters.values()
+             if q.kind != inspect.Parameter.VAR_KEYWORD]
+    params = fixed + hyperparameter_options()
+    command.__signature__ = sig.replace(parameters=params)
+    command.__annotations__ = {q.name: q.annotation for q in params}
+    return command
 
 
 def _train(single: bool, store: str, storage_option: list[str] | None, out: Path,
-           hook: list[str] | None, tokens: str | None, batch_size: int, device: str, seed: int,
-           resume: bool, overwrite: bool, checkpoint_every: int, log_every: int,
-           wandb_project: str | None, normalize: bool, data_parallel: bool, config: Path | None,
-           arch: str | None, width: str | None, expansion: str | None, param: list[str] | None,
-           resample_at: str | None, flags: dict[str, str | None]) -> None:
+           hook: list[str] | None, out_hook: list[str] | None, tokens: str | None,
+           batch_size: int, device: str, seed: int, resume: bool, overwrite: bool,
+           checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
+           data_parallel: bool, config: Path | None, arch: str | None, width: str | None,
+           expansion: str | None, param: list[str] | None, resample_at: str | None,
+           flags: dict[str, str | None]) -> None:
     check_out(out)
     options = parse_storage_options(storage_option or [])
     location(store, options, option="--store")  # a remote store is reachable (one quick probe)
     cfg = TrainConfig(store=store, out=str(out), hooks=tuple(hook or ()),
+                      out_hooks=tuple(out_hook or ()),
                       tokens=parse_count(tokens) if tokens is not None else None,
                       batch_size=batch_size, device=device, seed=seed,
                       checkpoint_every=checkpoint_every, log_every=log_every,
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize, data_parallel=data_parallel, storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
-    values = {FLAG_KEYS[f]: parse_list(v, _flag(f), option_type(FLAG_KEYS[f]))
-              for f, v in flags.items() if v is not None}
+    values = {name: parse_values(name, v) for name, v in flags.items() if v is not None}
     for item in param or []:
         name, sep, vals = item.partition("=")
         name = name.strip()
         if not sep or not name:
             fail(f"--param {item!r} is not NAME=V1,V2; e.g. --param bandwidth=0.001,0.01")
-        values[name] = parse_list(vals, f"--param {name}", option_type(name))
+        if name in values:
+            fail(f"{name} is given twice (as {PARAMS[name].label} and --param); give it once")
+        values[name] = parse_values(name, vals)
     spec = None  # the grid; None: the members are listed in --config
     if config is not None:
         if arch or width or expansion or values or resample_at:
@@ -140,9 +171,9 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
     with distributed.init(resolve_device(cfg.device)) as world:
         plan = prepare(cfg, world)
         if spec is None:
-            members = load_toml(config, plan.d_in, batch_size, plan.total_steps)
+            members = load_toml(config, plan.d_in, batch_size, plan.total_steps, plan.d_out)
         else:
-            members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps)
+            members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps, plan.d_out)
         if single and len(members) != 1:
             fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
                  "give one value per option or use `train-sae sweep`")
@@ -168,34 +199,24 @@ def _print_results(results: list[MemberResult]) -> None:
               "and in each metrics.json", file=sys.stderr)
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _train_command(single: bool):
     """The `sweep` command, or `run` (`single`: the options must describe exactly one SAE)."""
 
     def command(
-        store: Store, out: Out, hook: Hook = None, storage_option: StorageOption = None,
-        tokens: Tokens = None,
+        store: Store, out: Out, hook: Hook = None, out_hook: OutHook = None,
+        storage_option: StorageOption = None, tokens: Tokens = None,
         batch_size: BatchSize = 4096, device: Device = "auto", seed: Seed = 0,
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = 0,
         log_every: LogEvery = 100, wandb_project: Wandb = None, normalize: Normalize = True,
         data_parallel: DataParallel = False, config: Config = None, arch: Arch = None,
-        width: Width = None, expansion: Expansion = None, k: K = None, k_aux: KAux = None,
-        aux_coefficient: AuxCoef = None, l1: L1 = None, l0: L0 = None, lr: Lr = None,
-        beta1: Beta1 = None, beta2: Beta2 = None, lr_warmup_steps: Warmup = None,
-        lr_decay_frac: Decay = None, grad_clip: Clip = None, resample: Resample = None,
-        resample_at: ResampleAt = None, param: Param = None,
+        width: Width = None, expansion: Expansion = None, resample_at: ResampleAt = None,
+        param: Param = None, **flags: str | None,
     ) -> None:
-        flags = dict(k=k, k_aux=k_aux, aux_coefficient=aux_coefficient, l1=l1, l0=l0, lr=lr,
-                     beta1=beta1, beta2=beta2, lr_warmup_steps=lr_warmup_steps,
-                     lr_decay_frac=lr_decay_frac, grad_clip=grad_clip, resample=resample)
-        _train(single, store, storage_option, out, hook, tokens, batch_size, device, seed, resume,
-               overwrite, checkpoint_every, log_every, wandb_project, normalize, data_parallel,
-               config, arch, width, expansion, param, resample_at, flags)
+        _train(single, store, storage_option, out, hook, out_hook, tokens, batch_size, device,
+               seed, resume, overwrite, checkpoint_every, log_every, wandb_project, normalize,
+               data_parallel, config, arch, width, expansion, param, resample_at, flags)
 
-    return command
+    return with_params(command)
 
 
 app.command("sweep", help="Train a grid (or a TOML list) of SAEs on the same batches in one "

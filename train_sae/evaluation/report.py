@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from shared.atomic import atomic_write_text  # noqa: E402
 from shared.errors import fail  # noqa: E402
 from train_sae.evaluation.crosscoder_metrics import RELATIVE_NORMS_PLOT, hook_labels  # noqa: E402
-from train_sae.training.config import CROSSCODER_ARCHS  # noqa: E402
+from train_sae.dictionaries import REGISTRY, io_kind  # noqa: E402
 from train_sae.training.outputs import (  # noqa: E402
     DENSITY_PNG,
     METRICS_JSON,
@@ -70,7 +70,7 @@ class Member:
 
     @property
     def is_crosscoder(self) -> bool:
-        return self.arch in CROSSCODER_ARCHS
+        return self.arch in REGISTRY and io_kind(self.arch) == "crosscoder"
 
     def hook_fvus(self) -> list[tuple[str, float]]:
         """(short hook label, final FVU of that hook) of a crosscoder, in its hook order."""
@@ -195,7 +195,7 @@ def sae_groups(members: list[Member]) -> dict[str, list[Member]]:
     hook only (an SAE at another layer reconstructs different activations)."""
     groups: dict[str, list[Member]] = {}
     for m in members:
-        if m.ok and not m.is_crosscoder:
+        if m.ok and m.arch in REGISTRY and io_kind(m.arch) == "sae":
             groups.setdefault(m.hooks[0] if m.hooks else "", []).append(m)
     return groups
 

@@ -33,7 +33,8 @@ from safetensors.torch import load_file
 
 from shared.atomic import write_safetensors
 from shared.errors import fail, first_line
-from train_sae.dictionaries.crosscoder import CROSSCODER_REGISTRY, Crosscoder, build_crosscoder
+from train_sae.dictionaries import IO, REGISTRY, build, io_kind
+from train_sae.dictionaries.crosscoder import CrosscoderShape as Crosscoder
 from train_sae.training.saving import CFG_FILENAME as CFG_FILE  # the same names as an SAE's folder
 from train_sae.training.saving import SPARSITY_FILENAME as SPARSITY_FILE
 
@@ -88,7 +89,7 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, *, models: str | list[st
     if len(model_list) != cc.n_hooks:
         fail(f"got {len(model_list)} model names for {cc.n_hooks} hooks; give one, or one per hook")
     assert sparsity.shape == (cc.d_sae,), (sparsity.shape, cc.d_sae)
-    scales_per_hook = cc.per_hook_scales(input_scales)
+    scales_per_hook = cc.per_hook_scales(input_scales, cc.n_hooks, "input")
 
     folded = copy.deepcopy(cc).cpu()
     folded.fold_input_scaling(scales_per_hook)
@@ -102,7 +103,7 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, *, models: str | list[st
         "splits": cc.splits,
         "d_in": cc.d_in,
         "d_sae": cc.d_sae,
-        "params": cc.hyperparameters(),
+        "params": cc.cfg.to_dict(),
         "models": model_list,
         "input_scales_folded": scales_per_hook,
         "weight_layout": layout,
@@ -143,7 +144,8 @@ def load_crosscoder(folder: str | Path, device: str = "cpu") -> tuple[Crosscoder
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         fail(f"{cfg_path} is not valid JSON ({e}); the folder is damaged, re-save it")
-    if cfg.get("format") != "crosscoder" or cfg.get("arch") not in CROSSCODER_REGISTRY:
+    arch = cfg.get("arch")
+    if cfg.get("format") != "crosscoder" or arch not in REGISTRY or io_kind(arch) != "crosscoder":
         fail(f"{cfg_path} does not describe a crosscoder (arch {cfg.get('arch')!r}); "
              "load SAEs with train_sae.training.saving.load_sae")
     if cfg.get("format_version") != FORMAT_VERSION:
@@ -152,12 +154,19 @@ def load_crosscoder(folder: str | Path, device: str = "cpu") -> tuple[Crosscoder
     missing = [k for k in ("hooks", "splits", "d_sae", "params", "weight_layout") if k not in cfg]
     if missing:
         fail(f"{cfg_path} lacks {', '.join(missing)}; the folder is damaged, re-save it")
-    cc = build_crosscoder(cfg["arch"], cfg["splits"], cfg["hooks"], cfg["d_sae"], cfg["params"],
-                          seed=0)
+    if not isinstance(cfg["hooks"], list) or not isinstance(cfg["splits"], list) or \
+            len(cfg["hooks"]) != len(cfg["splits"]) or not isinstance(cfg["params"], dict):
+        fail(f"{cfg_path} has malformed hooks, splits or params; the folder is damaged, re-save it")
+    cc = build(arch, IO.same(dict(zip(cfg["hooks"], cfg["splits"], strict=True))), cfg["d_sae"],
+               cfg["params"], seed=0)
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
         state = _weights_from_file(cfg["weight_layout"], tensors, cc.n_hooks)
-        cc.load_state_dict(state, strict=True)
+        # training buffers (TopK's firing counters) are not saved
+        missing, unexpected = cc.load_state_dict(state, strict=False)
+        buffers = dict(cc.named_buffers())
+        if unexpected or any(k not in buffers for k in missing):
+            raise KeyError(f"weights {sorted(state)} do not fit {type(cc).__name__}")
     except (FileNotFoundError, SafetensorError, KeyError, RuntimeError) as e:
         fail(f"cannot read the weights in {folder / WEIGHTS_FILE} ({type(e).__name__}: "
              f"{first_line(e)}); the folder is damaged, re-save it")

@@ -1,9 +1,10 @@
-"""One member of a one-pass sweep: an SAE or a crosscoder with its optimizer, LR schedule,
-Anthropic resampling, metric counters and checkpoint state.
+"""One member of a one-pass sweep: a dictionary (SAE, crosscoder, transcoder, CLT) with its
+optimizer, LR schedule, Anthropic resampling, metric counters and checkpoint state.
 
-What a member reads is decided in one place, `Member.inputs`: an SAE takes its hook's block of
-the loader's batch (`batch[hook]: [batch, d_in]`), a crosscoder the concatenation of its hooks
-(`Crosscoder.concat_hooks(batch): [batch, sum d_h]`). Everything else treats both alike.
+What a member reads and predicts is its dictionary's: `inputs(batch)` concatenates its input
+hooks' blocks of the loader's batch ([batch, d_in]), `targets(batch)` its output hooks'
+([batch, d_out]; the same as the inputs for an SAE or crosscoder). Everything else treats every
+dictionary alike.
 
 A member's training depends on nothing but its own config, the sweep's seed and the batches: its
 initial weights come from the seed, its resampling RNG from the seed and its name, and its
@@ -21,11 +22,10 @@ from typing import Any
 
 import torch
 
-from train_sae.dictionaries import build_sae
-from train_sae.dictionaries.base import SAE, WHOLE_BATCH, BatchGroup, TrainProgress
-from train_sae.dictionaries.crosscoder import build_crosscoder
+from train_sae.dictionaries import IO, build
+from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup, Dictionary, TrainProgress
 from train_sae.evaluation.metrics import FeatureDensity, firing_counts, metric_tensors
-from train_sae.training.config import RESAMPLE_ARCHS, MemberConfig
+from train_sae.training.config import MemberConfig
 from train_sae.training.metrics_log import MetricsLog
 from train_sae.training.resampling import BatchPool, resample_dead
 from train_sae.training.schedules import LRSchedule
@@ -34,13 +34,14 @@ from train_sae.training.sweep import HOOK_SEP, hook_prefix
 FINAL_WINDOW_FRAC = 0.1  # "final" metrics and saved feature density: the last 10% of steps
 
 
-def build_model(cfg: MemberConfig, dims: dict[str, int], seed: int) -> SAE:
-    """The member's freshly initialised SAE, or crosscoder over cfg.hooks (dims: hook -> d_in)."""
-    if cfg.is_crosscoder:
-        return build_crosscoder(cfg.arch, [dims[h] for h in cfg.hooks], list(cfg.hooks),
-                                cfg.d_sae, dict(cfg.params), seed)
-    (hook,) = cfg.hooks
-    return build_sae(cfg.arch, dims[hook], cfg.d_sae, dict(cfg.params), seed)
+def member_io(cfg: MemberConfig, dims: dict[str, int]) -> IO:
+    """The hooks a member reads and predicts, with their widths (dims: hook -> width)."""
+    return IO.of({h: dims[h] for h in cfg.hooks}, {h: dims[h] for h in cfg.outputs})
+
+
+def build_model(cfg: MemberConfig, dims: dict[str, int], seed: int) -> Dictionary:
+    """The member's freshly initialised dictionary over its hooks (dims: hook -> width)."""
+    return build(cfg.arch, member_io(cfg, dims), cfg.d_sae, cfg.params, seed)
 
 
 def resample_seed(cfg: MemberConfig, seed: int) -> int:
@@ -60,11 +61,11 @@ class Member:
         self.cfg, self.name, self.hooks = cfg, cfg.name, cfg.hooks
         self.sae = build_model(cfg, dims, seed).to(device)
         self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
-        # per-hook metrics of a crosscoder: hook -> its width in the concatenated input
-        self.blocks = {h: dims[h] for h in cfg.hooks} if cfg.is_crosscoder else None
+        # per-hook metrics of a dictionary predicting several hooks: hook -> its width
+        self.blocks = {h: dims[h] for h in cfg.outputs} if len(cfg.outputs) > 1 else None
         o = cfg.optim
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
-        self.resample_steps = cfg.resample.steps(total_steps) if cfg.arch in RESAMPLE_ARCHS else []
+        self.resample_steps = cfg.resample.steps(total_steps) if cfg.resamples else []
         # dead = no firing in the second half of the interval before each resampling (Anthropic:
         # 12.5k steps before resampling every 25k), so the busy first steps do not hide dead latents
         prev = [0, *self.resample_steps][: len(self.resample_steps)]
@@ -86,27 +87,21 @@ class Member:
         self.log: MetricsLog | None = None
         self.relative_norms: dict[str, Any] | None = None  # two-hook crosscoders, once saved
 
-    def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What this member trains on: [batch, d_in] of its hook, or a crosscoder's hooks
-        concatenated in its hook order, [batch, sum d_h]."""
-        if self.cfg.is_crosscoder:
-            return self.sae.concat_hooks(batch)  # type: ignore[operator]
-        return batch[self.hooks[0]]
-
     # --- one training step ------------------------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor], step: int, progress: TrainProgress,
              pools: dict[str, BatchPool], log: bool) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """Train on this step's batch (this process's rows of it; `pools` hold whole batches).
         Returns the whole batch's detached loss and, when `log`, the metrics record (built here
         so no member's activations outlive its step)."""
-        x = self.inputs(batch)
+        x = self.sae.inputs(batch)
+        y = x if self.cfg.outputs == self.hooks else self.sae.targets(batch)
         if step in self.resample_steps and self.hooks[0] in pools:
             self.resampled += resample_dead(self.sae, self.opt, self.dead_density.dead_mask(),
                                             pools[self.hooks[0]].rows(), self.rng)
         lr = self.schedule.lr(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        out = self.sae.training_forward(x, progress)
+        out = self.sae.training_forward(x, progress, y)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         loss = self.batch.reduce_gradients(self.sae.parameters(), out.loss.detach())
@@ -127,7 +122,7 @@ class Member:
             if self.resample_steps:
                 self.dead_density.add(fired, n_rows)
             if in_final or log:
-                metrics = metric_tensors(x, out.x_hat, acts, self.blocks, self.batch)
+                metrics = metric_tensors(y, out.x_hat, acts, self.blocks, self.batch)
             if in_final:
                 self.final_density.add(fired, n_rows)
                 for k, v in metrics.items():  # type: ignore[union-attr]
@@ -163,8 +158,8 @@ class Member:
         self.opt = None  # type: ignore[assignment]
 
     def final_metrics(self) -> dict[str, float]:
-        """Means over the final window: l0, mse, fvu, cos_sim, l2_ratio (and a crosscoder's
-        fvu/<hook>, mse/<hook>), plus dead and dense fractions."""
+        """Means over the final window: l0, mse, fvu, cos_sim, l2_ratio (and, predicting several
+        hooks, fvu/<hook>, mse/<hook>), plus dead and dense fractions."""
         n = max(self.final_steps, 1)
         out = {k: float(v) / n for k, v in self.final_sums.items()}
         out["dead_fraction"] = self.final_density.dead_fraction

@@ -18,7 +18,6 @@ weights, so the saved SAE takes and returns raw activations (normalize_activatio
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors.torch import load_file
 
 from shared.atomic import atomic_write, atomic_write_text, write_safetensors
 from shared.errors import fail
-from train_sae.dictionaries import REGISTRY, SAE, make_config
+from train_sae.dictionaries import REGISTRY, SAE, build_sae
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -85,7 +84,7 @@ def save_sae(
         OUR_SECTION: {
             **extra_cfg,
             "arch": sae.arch,
-            "hyperparameters": dataclasses.asdict(sae.cfg),
+            "hyperparameters": sae.cfg.to_dict(),
             "input_scale": float(input_scale),
         },
     }
@@ -122,7 +121,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (KeyError, TypeError, ValueError):
         fail(f"{path / CFG_FILENAME} lacks integer d_in and d_sae; save the SAE again")
-    sae = REGISTRY[arch](d_in, d_sae, make_config(arch, params), 0)
+    sae = build_sae(arch, d_in, d_sae, params, 0)
     sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", sae.apply_b_dec_to_input))
     expected = {k: v.shape for k, v in sae.saelens_state().items()}
     got = {k: state[k].shape for k in expected if k in state}

@@ -2,9 +2,12 @@
 
 Grid rule: for each architecture, each width, and the product of the options that apply to that
 architecture. An option that applies to an architecture is one of its own hyperparameters
-(`train_sae.dictionaries.arch_params`), an optimizer option (`OPTIM_KEYS`, every arch) or `resample` (relu).
-So `--arch topk,relu --k 16,32 --l1 1e-3,5e-3` gives 2 topk and 2 relu members, not 8. An option
-that applies to none of the chosen architectures is an error.
+(`train_sae.dictionaries.arch_params`), an optimizer option (`OPTIM_KEYS`, every arch) or
+`resample` (architectures that resample). So `--arch topk,relu --k 16,32 --l1 1e-3,5e-3` gives 2
+topk and 2 relu members, not 8. An option that applies to none of the chosen architectures is an
+error. A transcoder or CLT comes in several sparsities: `--sparsity topk,relu` names them; without
+it the options given choose (`--k`: topk, `--l1`: relu, `--l0`: jumprelu; none: topk), so
+`--arch transcoder --k 32 --l1 5` is a TopK and a ReLU transcoder.
 
 TOML (`--config sweep.toml`): an optional `[defaults]` table merged into every `[[member]]` table:
 
@@ -15,24 +18,29 @@ TOML (`--config sweep.toml`): an optional `[defaults]` table merged into every `
     width = 4096          # or: expansion = 8  (width = expansion x d_in)
     k = 32
     [[member]]
+    arch = "matryoshka_batchtopk"
+    width = 16384
+    matryoshka_widths = [1024, 4096, 16384]    # cumulative, ending at the width
+    [[member]]
     arch = "relu"
     expansion = 16
     l1_coefficient = 5e-3
     resample = true
     resample_at = [0.5]
 
-Several hooks (`--hook A --hook B` or `--hook all`): the SAE members above are made once per hook,
-their folder names prefixed with the hook (`blocks.0.hook_resid_post--topk-w64-k8-lr3e-3`; a `/`
-in a hook name becomes `.`), and each crosscoder member (`crosscoder`, `crosscoder_topk`) reads all
-the chosen hooks as one input; its `--expansion` is relative to the hooks' summed d_in. One hook
-chosen: names carry no prefix.
+Which hooks each member reads (`--hook A --hook B`, or `--hook all`) and predicts (`--out-hook`):
+- an SAE member is made once per --hook, its folder name prefixed with the hook when there are
+  several (`blocks.0.hook_resid_post--topk-w64-k8-lr3e-3`; a `/` in a hook name becomes `.`);
+- a crosscoder member reads all the --hook hooks as one input; its `--expansion` is relative to
+  their summed d_in;
+- a transcoder member is made once per (--hook, --out-hook) pair, the i-th of each;
+- a CLT member reads every --hook (one per layer) and predicts every --out-hook.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-import typing
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,45 +49,25 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import fail
+from train_sae.dictionaries import (
+    REGISTRY,
+    arch_class,
+    arch_params,
+    check_arch,
+    composable,
+    io_kind,
+    make_config,
+    sparsities,
+)
+from train_sae.params import PARAMS, parse_scalar, typed
 from train_sae.training.config import (
-    CROSSCODER_ARCHS,
     DEFAULT_RESAMPLE_AT,
     OPTIM_KEYS,
-    RESAMPLE_ARCHS,
     MemberConfig,
     OptimConfig,
     ResampleConfig,
-    default_optim,
-    typed,
 )
 
-# CLI spelling of hyperparameters, for error messages and member names.
-FLAGS = {
-    "l1_coefficient": "--l1",
-    "l0_coefficient": "--l0",
-    "k": "--k",
-    "k_aux": "--k-aux",
-    "aux_coefficient": "--aux-coefficient",
-    "resample": "--resample",
-    "lr": "--lr",
-    "beta1": "--beta1",
-    "beta2": "--beta2",
-    "lr_warmup_steps": "--lr-warmup-steps",
-    "lr_decay_frac": "--lr-decay-frac",
-    "grad_clip": "--grad-clip",
-}
-SHORT = {
-    "l1_coefficient": "l1",
-    "l0_coefficient": "l0c",
-    "aux_coefficient": "auxc",
-    "k_aux": "kaux",
-    "lr_warmup_steps": "warm",
-    "lr_decay_frac": "decay",
-    "grad_clip": "clip",
-    "dead_tokens_threshold": "dead",
-    "dec_init_norm": "dinit",
-    "l1_warmup_fraction": "l1warm",
-}
 HOOK_SEP = "--"  # between the hook prefix and the member name
 NAME_DIGITS = 3  # significant digits of numbers in member names (more only to tell two apart)
 
@@ -96,51 +84,58 @@ class GridSpec:
 
 
 def flag(key: str) -> str:
-    return FLAGS.get(key, f"--param {key}=...")
+    p = PARAMS.get(key)
+    return p.label if p is not None else f"--param {key}"
 
 
 def known_archs() -> list[str]:
-    """Every `--arch` name: the SAE registry, then the crosscoders."""
-    from train_sae.dictionaries import REGISTRY
-    from train_sae.dictionaries.crosscoder import CROSSCODER_REGISTRY
-
-    assert set(CROSSCODER_REGISTRY) == CROSSCODER_ARCHS, CROSSCODER_REGISTRY
-    return sorted(REGISTRY) + sorted(CROSSCODER_REGISTRY)
+    """Every `--arch` name, in registry order."""
+    return list(REGISTRY)
 
 
-def arch_param_names(arch: str) -> set[str]:
-    """The hyperparameters of an SAE or crosscoder arch (the fields of its Config)."""
-    from train_sae.dictionaries import arch_params
-    from train_sae.dictionaries.crosscoder import crosscoder_arch_params
-
-    return crosscoder_arch_params(arch) if arch in CROSSCODER_ARCHS else arch_params(arch)
+def resamples(arch: str) -> bool:
+    return arch_class(arch).resamples
 
 
-def applies(arch: str, key: str) -> bool:
+def applies(arch: str, key: str, sparsity: str | None = None) -> bool:
+    """Whether option `key` applies to `arch` (with that sparsity, if given)."""
     if key in OPTIM_KEYS:
         return True
     if key == "resample":
-        return arch in RESAMPLE_ARCHS
-    return key in arch_param_names(arch)
+        return resamples(arch)
+    return key in arch_params(arch, sparsity)
 
 
 def check_archs(archs: list[str]) -> None:
-    names = known_archs()
     if not archs:
-        fail("no architecture given; pass --arch (one of: " + ", ".join(names) + ")")
+        fail("no architecture given; pass --arch (one of: " + ", ".join(known_archs()) + ")")
     for a in archs:
-        if a not in names:
-            fail(f"unknown architecture {a!r}; choose from: {', '.join(names)}")
+        if a not in REGISTRY:
+            fail(f"unknown architecture {a!r}; choose from: {', '.join(known_archs())}")
     if len(set(archs)) != len(archs):
         fail(f"--arch lists an architecture twice: {','.join(archs)}")
 
 
-def check_crosscoder_hooks(archs: list[str], hooks: list[str]) -> None:
-    """A crosscoder reads several hooks: refuse one with fewer than two."""
-    cc = [a for a in archs if a in CROSSCODER_ARCHS]
-    if cc and len(hooks) < 2:
-        fail(f"--arch {cc[0]} reads several hooks at once but only {', '.join(hooks)} is chosen; "
+def check_hooks(archs: list[str], inputs: list[str], outputs: list[str]) -> None:
+    """The chosen hooks fit the chosen architectures (one line, exit 2, when not)."""
+    kinds = {a: io_kind(a) for a in archs}
+    cc = [a for a, k in kinds.items() if k == "crosscoder"]
+    if cc and len(inputs) < 2:
+        fail(f"--arch {cc[0]} reads several hooks at once but only {', '.join(inputs)} is chosen; "
              "pass two or more --hook options, or --hook all on a store with several hooks")
+    mapping = [a for a, k in kinds.items() if k in ("transcoder", "clt")]
+    if outputs and not mapping:
+        fail(f"--out-hook is for architectures that predict other hooks (transcoder, "
+             f"skip_transcoder, clt); {', '.join(archs)} reconstruct their --hook; drop "
+             "--out-hook or add one of those")
+    if mapping and not outputs:
+        fail(f"--arch {mapping[0]} predicts other hooks than it reads: give --out-hook OUT, one "
+             "per --hook (e.g. --hook blocks.0.ln2.hook_normalized --out-hook "
+             "blocks.0.hook_mlp_out)")
+    if mapping and len(outputs) != len(inputs):
+        fail(f"--arch {mapping[0]} pairs the i-th --hook with the i-th --out-hook, but "
+             f"{len(inputs)} --hook and {len(outputs)} --out-hook are given; give them the "
+             "same number of times, in the same order")
 
 
 def hook_prefix(hook: str) -> str:
@@ -167,13 +162,59 @@ def resolve_widths(widths: list[int], expansions: list[float], d_in: int) -> lis
     return list(dict.fromkeys(widths))
 
 
-def expand_grid(spec: GridSpec, dims: dict[str, int], batch_size: int, total_steps: int
-                ) -> list[MemberConfig]:
-    """Every member of the grid over the chosen hooks `dims` (hook -> d_in, in order): the SAE
-    grid for each hook, then the crosscoder grid over all hooks. Within a grid the order is
-    stable: arch, width, then options as given."""
+@dataclass(frozen=True)
+class Group:
+    """Members that read the same hooks: their hooks, the d_in an --expansion multiplies, the
+    archs, and whether member names carry the input hook (several groups of one kind)."""
+
+    hooks: tuple[str, ...]
+    out_hooks: tuple[str, ...]
+    d_in: int
+    archs: list[str]
+    prefix: bool
+
+
+def groups(archs: list[str], inputs: dict[str, int], outputs: dict[str, int]) -> list[Group]:
+    """Per input: each --hook for SAEs, all --hook for crosscoders, each (--hook, --out-hook)
+    pair for transcoders, all of both for CLTs."""
+    check_hooks(archs, list(inputs), list(outputs))
+    by_kind: dict[str, list[str]] = {}
+    for a in archs:
+        by_kind.setdefault(io_kind(a), []).append(a)
+    several = len(inputs) > 1
+    out: list[Group] = []
+    if "sae" in by_kind:
+        out += [Group((h,), (), d, by_kind["sae"], several) for h, d in inputs.items()]
+    if "crosscoder" in by_kind:
+        out.append(Group(tuple(inputs), (), sum(inputs.values()), by_kind["crosscoder"], False))
+    if "transcoder" in by_kind:
+        out += [Group((h,), (o,), inputs[h], by_kind["transcoder"], several)
+                for h, o in zip(inputs, outputs, strict=True)]
+    if "clt" in by_kind:
+        out.append(Group(tuple(inputs), tuple(outputs), sum(inputs.values()), by_kind["clt"],
+                         False))
+    return out
+
+
+def variants(arch: str, values: dict[str, list[Any]]) -> list[str | None]:
+    """The sparsities of `arch` a grid makes (None: an arch of one sparsity)."""
+    if not composable(arch):
+        return [None]
+    if "sparsity" in values:
+        given = list(dict.fromkeys(values["sparsity"]))
+        for s in given:
+            arch_class(arch, s)  # a sparsity the arch has
+        return given
+    return list(sparsities(arch, set(values)))
+
+
+def expand_grid(spec: GridSpec, inputs: dict[str, int], batch_size: int, total_steps: int,
+                outputs: dict[str, int] | None = None) -> list[MemberConfig]:
+    """Every member of the grid over the chosen hooks `inputs` (hook -> d_in, in order) and
+    output hooks `outputs` (--out-hook: hook -> width): SAE members per hook, then crosscoders,
+    transcoders and CLTs (`groups`). Within a group the order is stable: arch, sparsity, width,
+    then options as given."""
     check_archs(spec.archs)
-    check_crosscoder_hooks(spec.archs, list(dims))
     for key, vals in spec.values.items():
         if not vals:
             fail(f"{flag(key)} was given an empty list")
@@ -184,56 +225,52 @@ def expand_grid(spec: GridSpec, dims: dict[str, int], batch_size: int, total_ste
                 + (f"; it is for {', '.join(users)}" if users else "; no architecture has it")
             )
     makers = []
-    for hooks, d_in, archs in _groups(spec.archs, dims):
-        widths = resolve_widths(spec.widths, spec.expansions, d_in)
-        for arch in archs:
-            keys = [k for k in spec.values if applies(arch, k)]
-            for width in widths:
-                for combo in itertools.product(*(spec.values[k] for k in keys)):
-                    given = dict(zip(keys, combo, strict=True))
-                    makers.append(partial(make_member, arch, width, given, batch_size,
-                                          total_steps, spec.resample_at, hooks=hooks,
-                                          prefix=len(dims) > 1))
+    for g in groups(spec.archs, inputs, outputs or {}):
+        widths = resolve_widths(spec.widths, spec.expansions, g.d_in)
+        for arch in g.archs:
+            for sparsity in variants(arch, spec.values):
+                keys = [k for k in spec.values if k != "sparsity" and applies(arch, k, sparsity)]
+                fixed = {} if sparsity is None else {"sparsity": sparsity}
+                for width in widths:
+                    for combo in itertools.product(*(spec.values[k] for k in keys)):
+                        given = {**fixed, **dict(zip(keys, combo, strict=True))}
+                        makers.append(partial(make_member, arch, width, given, batch_size,
+                                              total_steps, spec.resample_at, hooks=g.hooks,
+                                              out_hooks=g.out_hooks, prefix=g.prefix))
     return make_members(makers)
-
-
-def _groups(archs: list[str], dims: dict[str, int]
-            ) -> list[tuple[tuple[str, ...], int, list[str]]]:
-    """(hooks read, input width, archs) per input: each hook for SAEs, all hooks for crosscoders."""
-    sae = [a for a in archs if a not in CROSSCODER_ARCHS]
-    cc = [a for a in archs if a in CROSSCODER_ARCHS]
-    groups = [((h,), d, sae) for h, d in dims.items()] if sae else []
-    if cc:
-        groups.append((tuple(dims), sum(dims.values()), cc))
-    return groups
 
 
 def make_member(arch: str, d_sae: int, given: dict[str, Any], batch_size: int, total_steps: int,
                 resample_at: tuple[float, ...] = DEFAULT_RESAMPLE_AT, *,
-                hooks: tuple[str, ...] = (), prefix: bool = False,
-                digits: int | None = NAME_DIGITS) -> MemberConfig:
+                hooks: tuple[str, ...] = (), out_hooks: tuple[str, ...] = (),
+                prefix: bool = False, digits: int | None = NAME_DIGITS) -> MemberConfig:
     """One member from explicitly given hyperparameters plus the arch's optimizer defaults.
 
-    hooks: the store hooks it reads (() = the sweep's only hook); prefix: start the name with
-    the hook (an SAE in a sweep over several hooks); digits: significant digits of the numbers
-    in its name (None: as many as the value needs)."""
+    hooks / out_hooks: the store hooks it reads / predicts (() = the sweep's only hook / the
+    hooks it reads); prefix: start the name with its (first) input hook; digits: significant
+    digits of the numbers in its name (None: as many as the value needs)."""
     given = dict(given)
-    optim = default_optim(arch, d_sae, batch_size, total_steps)
     given_optim = {k: given.pop(k) for k in OPTIM_KEYS if k in given}
+    resample = given.pop("resample", None)
+    check_arch(arch)
+    if resample and not resamples(arch):
+        fail(f"resampling applies only to {', '.join(_archs_using('resample'))}, not {arch}")
+    resample = bool(resample if resample is not None else resamples(arch))
+    params = make_config(arch, given)  # typed and checked; picks a composable arch's sparsity
+    sparsity = getattr(params, "sparsity", None)
+    optim = arch_class(arch, sparsity).optim_defaults(d_sae, batch_size, total_steps)
     optim.update(given_optim)
-    resample = bool(given.pop("resample", arch in RESAMPLE_ARCHS))
-    if resample and arch not in RESAMPLE_ARCHS:
-        fail(f"resampling applies only to {', '.join(sorted(RESAMPLE_ARCHS))}, not {arch}")
-    name = member_name(arch, d_sae, given, optim["lr"], resample if arch in RESAMPLE_ARCHS else None,
+    label = arch if sparsity is None else f"{arch}.{sparsity}"
+    named = {k: v for k, v in given.items() if k != "sparsity"}
+    name = member_name(label, d_sae, named, optim["lr"], resample if resamples(arch) else None,
                        {k: v for k, v in given_optim.items() if k != "lr"}, digits)
-    if prefix and arch not in CROSSCODER_ARCHS:
-        assert len(hooks) == 1, hooks
+    if prefix:
         name = hook_prefix(hooks[0]) + HOOK_SEP + name
     return MemberConfig(
-        arch=arch, d_sae=d_sae, params=given,
+        arch=arch, d_sae=d_sae, params=params,
         optim=OptimConfig(**optim),
         resample=ResampleConfig(enabled=resample, at=tuple(resample_at)),
-        name=name, hooks=tuple(hooks),
+        name=name, hooks=tuple(hooks), out_hooks=tuple(out_hooks),
     )
 
 
@@ -241,12 +278,17 @@ def member_name(arch: str, d_sae: int, params: dict[str, Any], lr: float, resamp
                 optim_extra: dict[str, Any], digits: int | None = NAME_DIGITS) -> str:
     """Folder name from the given hyperparameters, e.g. `topk-w4096-k32-lr2e-4`."""
     parts = [arch, f"w{d_sae}"]
-    parts += [f"{SHORT.get(k, k)}{fmt(v, digits)}" for k, v in sorted(params.items())]
+    parts += [f"{_short(k)}{fmt(v, digits)}" for k, v in sorted(params.items())]
     parts.append(f"lr{fmt(lr, digits)}")
-    parts += [f"{SHORT.get(k, k)}{fmt(v, digits)}" for k, v in sorted(optim_extra.items())]
+    parts += [f"{_short(k)}{fmt(v, digits)}" for k, v in sorted(optim_extra.items())]
     if resample is not None:
         parts.append("rs" if resample else "nors")
     return "-".join(parts)
+
+
+def _short(key: str) -> str:
+    p = PARAMS.get(key)
+    return (p.short or p.name) if p is not None else key
 
 
 def fmt(v: Any, digits: int | None = NAME_DIGITS) -> str:
@@ -255,6 +297,8 @@ def fmt(v: Any, digits: int | None = NAME_DIGITS) -> str:
     32, 1.5."""
     if isinstance(v, bool):
         return "on" if v else "off"
+    if isinstance(v, tuple | list):
+        return "+".join(fmt(x, digits) for x in v)
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
@@ -290,8 +334,7 @@ def check_unique(members: list[MemberConfig]) -> None:
 
 
 def _archs_using(key: str) -> list[str]:
-    return [a for a in known_archs() if key in arch_param_names(a)
-            or (key == "resample" and a in RESAMPLE_ARCHS)]
+    return [a for a in known_archs() if applies(a, key)]
 
 
 def parse_list(text: str, what: str, kind: type | None = None) -> list[Any]:
@@ -302,41 +345,22 @@ def parse_list(text: str, what: str, kind: type | None = None) -> list[Any]:
         s = raw.strip()
         if not s:
             fail(f"{what} has an empty item in {text!r}; separate values with single commas")
-        value = s if kind is str else parse_value(s)
+        value = parse_scalar(s, kind)
         out.append(value if kind is None else typed(value, kind, what))
     return out
 
 
-def parse_value(s: str) -> Any:
-    low = s.lower()
-    if low in ("on", "true", "yes"):
-        return True
-    if low in ("off", "false", "no"):
-        return False
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        return float(s)
-    except ValueError:
-        return s
-
-
-def option_type(key: str) -> type | None:
-    """The type (int, float or bool) of hyperparameter `key`: the type of that field in
-    OptimConfig or in the Config of an architecture that has it; None if none has it."""
-    from train_sae.dictionaries import REGISTRY
-    from train_sae.dictionaries.crosscoder import CROSSCODER_REGISTRY
-
-    if key == "resample":
-        return bool
-    archs = (*REGISTRY.values(), *CROSSCODER_REGISTRY.values())
-    for cls in (OptimConfig, *(a.Config for a in archs)):
-        hint = typing.get_type_hints(cls).get(key)
-        if hint is not None:  # `int | None` (k_aux) -> int
-            return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
-    return None
+def parse_values(key: str, text: str) -> list[Any]:
+    """The comma-separated values of hyperparameter `key` as given on the command line, each
+    typed and checked by its declaration (train_sae/params.py)."""
+    p = PARAMS.get(key)
+    if p is None:
+        fail(f"unknown hyperparameter {key!r} in --param; the hyperparameters are "
+             f"{', '.join(sorted(PARAMS))}")
+    items = [raw.strip() for raw in text.split(",")]
+    if any(not s for s in items):
+        fail(f"{p.label} has an empty item in {text!r}; separate values with single commas")
+    return [p.parse(s) for s in items]
 
 
 # types of the TOML member keys that are not hyperparameters (resample_at: see _toml_value)
@@ -350,15 +374,20 @@ def _toml_value(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             fail(f"{what} takes a list of fractions, got {value!r}; write e.g. [0.5]")
         return tuple(typed(v, float, what) for v in value)
-    kind = _TOML_TYPES.get(key) or option_type(key)
-    return value if kind is None else typed(value, kind, what)
+    if key in _TOML_TYPES:
+        return typed(value, _TOML_TYPES[key], what)
+    if key in PARAMS:
+        if PARAMS[key].many and not isinstance(value, list):
+            fail(f"{what} takes an array, got {value!r}; write e.g. [1024, 4096, 16384]")
+        return PARAMS[key].check(value, what)
+    return value
 
 
-def load_toml(path: str | Path, dims: dict[str, int], batch_size: int, total_steps: int
-              ) -> list[MemberConfig]:
+def load_toml(path: str | Path, inputs: dict[str, int], batch_size: int, total_steps: int,
+              outputs: dict[str, int] | None = None) -> list[MemberConfig]:
     """Members listed in a sweep TOML file (format in the module docstring), for the chosen
-    hooks `dims` (hook -> d_in): an SAE table gives one member per hook, a crosscoder table one
-    member over all of them."""
+    hooks `inputs` (hook -> d_in) and `outputs` (--out-hook): an SAE table gives one member per
+    hook, a transcoder table one per pair, a crosscoder or CLT table one over all of them."""
     import tomllib
 
     p = Path(path)
@@ -387,16 +416,16 @@ def load_toml(path: str | Path, dims: dict[str, int], batch_size: int, total_ste
         if arch is None:
             fail(f"{where} has no arch; add e.g. arch = \"topk\"")
         check_archs([arch])
-        check_crosscoder_hooks([arch], list(dims))
         width = t.pop("width", None)
         expansion = t.pop("expansion", None)
         resample_at = t.pop("resample_at", DEFAULT_RESAMPLE_AT)
         for key in t:
             if not applies(arch, key):
                 fail(f"{where}: {key!r} does not apply to arch {arch!r}; remove it")
-        for hooks, d_in, _ in _groups([arch], dims):
+        for g in groups([arch], inputs, outputs or {}):
             (d_sae,) = resolve_widths([width] if width is not None else [],
-                                      [expansion] if expansion is not None else [], d_in)
+                                      [expansion] if expansion is not None else [], g.d_in)
             makers.append(partial(make_member, arch, d_sae, t, batch_size, total_steps,
-                                  resample_at, hooks=hooks, prefix=len(dims) > 1))
+                                  resample_at, hooks=g.hooks, out_hooks=g.out_hooks,
+                                  prefix=g.prefix))
     return make_members(makers)

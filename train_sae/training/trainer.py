@@ -3,7 +3,7 @@ multi-trainer loop). A member whose loss turns NaN/inf or diverges is stopped an
 the others go on unchanged. `train-sae run` is the one-member case of the same loop.
 
     plan = prepare(cfg)                      # open the store, pick the hooks, count steps
-    members = expand_grid(spec, plan.d_in, cfg.batch_size, plan.total_steps)
+    members = expand_grid(spec, plan.d_in, cfg.batch_size, plan.total_steps, plan.d_out)
     results = train(cfg, plan, members)      # writes OUT/<member>/ and OUT/sweep.json
 
 Several hooks are read together: one loader over all of them yields {hook: [batch, d_h]} per
@@ -12,7 +12,7 @@ trains on its hook, a crosscoder on all of its hooks (train_sae/training/member.
 
 Under `torchrun` (a `shared.distributed.World` of several ranks, passed to `prepare` and `train`)
 the members are spread over the ranks, balanced by cost (`place`: greedy longest-processing-time
-on width x d_in, so `--hook all` over a model's layers is spread like sparsify's
+on width x (d_in + d_out), so `--hook all` over a model's layers is spread like sparsify's
 `--distribute_layers`). Every rank builds the same loader over the hooks its own members read, so
 every rank sees the same batches, and a member trains to the same bytes on any rank as in one
 process (train_sae/training/member.py). With `--data-parallel` every rank trains every member on its share
@@ -60,7 +60,7 @@ from train_sae.training.outputs import (
     write_member_json,
 )
 from train_sae.training.resampling import BatchPool
-from train_sae.training.sweep import check_crosscoder_hooks
+from train_sae.training.sweep import check_hooks
 
 RESAMPLE_POOL_ROWS = 32768  # inputs kept per hook for Anthropic resampling (shared by members)
 
@@ -68,17 +68,25 @@ RESAMPLE_POOL_ROWS = 32768  # inputs kept per hook for Anthropic resampling (sha
 @dataclass
 class Plan:
     store: Store
-    hooks: list[str]  # the chosen hooks, in order
-    d_in: dict[str, int]  # hook -> d_in
+    hooks: list[str]  # the chosen hooks (--hook), in order
+    d_in: dict[str, int]  # hook -> d_in of the chosen hooks
     total_steps: int
     batch_size: int
     device: str  # this rank's device
+    d_out: dict[str, int] = field(default_factory=dict)  # --out-hook -> width, in order
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Every hook the sweep reads or predicts -> its width."""
+        return {**self.d_in, **self.d_out}
 
 
 def prepare(cfg: TrainConfig, world: World = LOCAL) -> Plan:
     """Open the store, choose the hooks and device, and turn the token budget into steps."""
     store = open_store(location(cfg.store, cfg.storage_options, option="--store", check=False))
     hooks = choose_hooks(store, cfg.hooks)
+    for hook in cfg.out_hooks:
+        store.check_hook(hook)
     if cfg.batch_size > store.n_rows:
         fail(f"--batch-size {cfg.batch_size} is larger than the store's {store.n_rows} rows; "
              "choose a smaller batch")
@@ -87,7 +95,8 @@ def prepare(cfg: TrainConfig, world: World = LOCAL) -> Plan:
     if total_steps < 1:
         fail(f"--tokens {tokens} is less than one batch of {cfg.batch_size}; raise --tokens")
     return Plan(store, hooks, {h: store.manifest.d_in[h] for h in hooks}, total_steps,
-                cfg.batch_size, world.device(resolve_device(cfg.device)))
+                cfg.batch_size, world.device(resolve_device(cfg.device)),
+                {h: store.manifest.d_in[h] for h in cfg.out_hooks})
 
 
 def choose_hooks(store: Store, given: tuple[str, ...]) -> list[str]:
@@ -112,19 +121,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def bind_hooks(m: MemberConfig, hooks: list[str]) -> MemberConfig:
+def bind_hooks(m: MemberConfig, plan: Plan) -> MemberConfig:
     """Fill in the hooks of a member made without them: the sweep's only hook for an SAE, all
-    of the sweep's hooks for a crosscoder."""
+    of the sweep's hooks for a crosscoder, and its --out-hook hooks for a transcoder or CLT."""
+    hooks = plan.hooks
     if not m.hooks:
-        if m.is_crosscoder or len(hooks) == 1:
+        if m.io_kind in ("crosscoder", "clt") or len(hooks) == 1:
             m = dataclasses.replace(m, hooks=tuple(hooks))
         else:
             fail(f"member {m.name} names no hook but the sweep reads several "
                  f"({', '.join(hooks)}); give it one")
-    if m.is_crosscoder:
-        check_crosscoder_hooks([m.arch], list(m.hooks))
-    assert m.is_crosscoder or len(m.hooks) == 1, m
-    assert set(m.hooks) <= set(hooks), (m.hooks, hooks)
+    if m.io_kind in ("transcoder", "clt") and not m.out_hooks:
+        m = dataclasses.replace(m, out_hooks=tuple(plan.d_out))
+    check_hooks([m.arch], list(m.hooks), list(m.out_hooks))
+    assert set(m.hooks) <= set(hooks) and set(m.out_hooks) <= set(plan.d_out), m
     return m
 
 
@@ -152,9 +162,9 @@ class Placement:
 
 
 def member_cost(m: MemberConfig, dims: dict[str, int]) -> int:
-    """A member's share of a step: every architecture's encoder and decoder matmuls take about
-    batch x width x d_in multiply-adds (d_in summed over a crosscoder's hooks)."""
-    return m.d_sae * sum(dims[h] for h in m.hooks)
+    """A member's share of a step: its encoder and decoder matmuls take about batch x width x
+    (d_in + d_out) multiply-adds (each summed over its hooks)."""
+    return m.d_sae * (sum(dims[h] for h in m.hooks) + sum(dims[h] for h in m.outputs))
 
 
 def place(members: list[MemberConfig], dims: dict[str, int], batch_size: int, world: World,
@@ -193,7 +203,8 @@ def describe_placement(p: Placement, world: World, batch_size: int) -> str | Non
                 f"rows of each batch, gradients averaged")
     loads = [sum(c for c, o in zip(p.costs, p.owner, strict=True) if o == r) for r in range(n)]
     per_rank = [f"rank {r} trains {p.owner.count(r)} (cost {loads[r]})" for r in range(n)]
-    return f"members spread over {n} ranks by cost (width x d_in): " + ", ".join(per_rank)
+    return (f"members spread over {n} ranks by cost (width x (d_in + d_out)): "
+            + ", ".join(per_rank))
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -204,8 +215,8 @@ def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig], world: 
     rank 0 under torchrun. Every rank calls this with the same arguments; all return the
     results of every member."""
     out = Path(cfg.out)
-    members_cfg = [bind_hooks(m, plan.hooks) for m in members_cfg]
-    placement = place(members_cfg, plan.d_in, cfg.batch_size, world, cfg.data_parallel)
+    members_cfg = [bind_hooks(m, plan) for m in members_cfg]
+    placement = place(members_cfg, plan.dims, cfg.batch_size, world, cfg.data_parallel)
     lock = exclusive(out, "train-sae") if world.is_main else contextlib.nullcontext()
     with lock:  # refused before writing anything: no folder left behind
         return _train_locked(cfg, plan, members_cfg, placement, out, world)
@@ -214,10 +225,10 @@ def train(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig], world: 
 def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
                   placement: Placement, out: Path, world: World) -> list[MemberResult]:
     torch.manual_seed(cfg.seed)
-    members = [Member(members_cfg[i], plan.d_in, plan.total_steps, cfg.seed, plan.device,
+    members = [Member(members_cfg[i], plan.dims, plan.total_steps, cfg.seed, plan.device,
                       cfg.diverge_factor, placement.batch)
                for i in placement.trains]  # builds (and validates) every model before writing
-    sweep_doc = sweep_description(cfg, plan.hooks, plan.d_in, plan.store.manifest,
+    sweep_doc = sweep_description(cfg, plan.hooks, plan.dims, plan.store.manifest,
                                   plan.total_steps, members_cfg)
     world.agree()  # every rank built its members: now rank 0 may write
     ckpt = open_sweep(out, cfg, sweep_doc, world)
@@ -230,7 +241,7 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
     if placement.writes:
         open_member_logs(out, members, ckpt, plan, start)
 
-    read = [h for h in plan.hooks if any(h in m.hooks for m in members)]
+    read = [h for h in plan.dims if any(h in m.hooks or h in m.cfg.outputs for m in members)]
     # a data-parallel rank reads only its share of each batch's rows
     loader = ActivationLoader(plan.store, read, cfg.batch_size, plan.total_steps, seed=cfg.seed,
                               device=plan.device, start_batch=start, normalize=cfg.normalize,
@@ -242,8 +253,8 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
         if cfg.wandb_project:
             run.wandb = WandbSink(cfg.wandb_project, out.name, sweep_doc, out,
                                   run_id=ckpt.get("wandb_run_id") if ckpt else None)
-        hooks_text = ", ".join(f"{h} (d_in {plan.d_in[h]})" for h in plan.hooks
-                               if any(h in m.hooks for m in members_cfg))
+        hooks_text = ", ".join(f"{h} (d {plan.dims[h]})" for h in plan.dims
+                               if any(h in m.hooks or h in m.outputs for m in members_cfg))
         print(f"training {len(members_cfg)} member(s) on {hooks_text} for {plan.total_steps} "
               f"steps of {cfg.batch_size} on {plan.device}"
               + (f", resuming at step {start}" if start else "") + f" -> {out}", file=sys.stderr)
@@ -289,7 +300,7 @@ def open_member_logs(out: Path, members: list[Member], ckpt: dict[str, Any] | No
         if ckpt is None or m.status == "failed":
             (out / m.name / METRICS_JSON).unlink(missing_ok=True)
         if m.status == "failed":
-            write_member_json(out, m, plan.d_in, plan.batch_size, start)
+            write_member_json(out, m, plan.dims, plan.batch_size, start)
 
 
 def make_pools(members: list[Member], loader: ActivationLoader, plan: Plan, start: int
@@ -365,7 +376,7 @@ class SweepRun:
             m.check(loss, step)
             if m.status == "failed":
                 if self.placement.writes:
-                    write_member_json(self.out, m, self.plan.d_in, self.plan.batch_size, step)
+                    write_member_json(self.out, m, self.plan.dims, self.plan.batch_size, step)
             elif rec is not None:
                 if m.log:
                     m.log.write(rec)
@@ -411,10 +422,10 @@ class SweepRun:
             folder = self.out / m.name
             if m.status == "running":
                 if self.placement.writes:
-                    save_member(m, folder, self.plan.store.manifest, self.plan.d_in, scales)
+                    save_member(m, folder, self.plan.store.manifest, self.plan.dims, scales)
                 m.status = "done"
             if self.placement.writes:
-                write_member_json(self.out, m, self.plan.d_in, self.plan.batch_size,
+                write_member_json(self.out, m, self.plan.dims, self.plan.batch_size,
                                   self.plan.total_steps, scales)
                 mine.append(MemberResult(m.name, m.status, m.failure, folder,
                                          m.final_metrics() if m.status == "done" else {}))
