@@ -7,11 +7,11 @@ import math
 import matplotlib.image
 import pytest
 import torch
+from synthetic import build_crosscoder
 
 from shared.errors import UserError
-from train_sae.dictionaries.base import TrainProgress
-from synthetic import build_crosscoder
 from train_sae.dictionaries import arch_params
+from train_sae.dictionaries.base import TrainProgress
 from train_sae.dictionaries.crosscoder import Crosscoder, TopKCrosscoder
 from train_sae.evaluation.crosscoder_metrics import (
     crosscoder_metrics,

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from synthetic import build_crosscoder
 
 from shared.errors import UserError
-from synthetic import build_crosscoder
 from train_sae.training.crosscoder_saving import (
     CFG_FILE,
     SPARSITY_FILE,

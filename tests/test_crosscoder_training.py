@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import make_paired_data
+from synthetic import build_crosscoder, make_paired_data
 
 from train_sae.dictionaries.base import TrainProgress
-from synthetic import build_crosscoder
 from train_sae.dictionaries.crosscoder import Crosscoder
 from train_sae.evaluation.crosscoder_metrics import crosscoder_metrics, relative_decoder_norms
 

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from shared.atomic import atomic_write_text  # noqa: E402
 from shared.errors import fail  # noqa: E402
-from train_sae.evaluation.crosscoder_metrics import RELATIVE_NORMS_PLOT, hook_labels  # noqa: E402
 from train_sae.dictionaries import REGISTRY, io_kind  # noqa: E402
+from train_sae.evaluation.crosscoder_metrics import RELATIVE_NORMS_PLOT, hook_labels  # noqa: E402
 from train_sae.training.outputs import (  # noqa: E402
     DENSITY_PNG,
     METRICS_JSON,
