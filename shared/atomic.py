@@ -35,6 +35,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def write_folder_files(folder: Path, files: dict[str, Callable[[Path], object]],
+                       last: str) -> None:
+    """Write `files` (name -> writer of that path) into `folder` as one unit: a new folder is
+    written under a temporary name `.<folder>.<random>` and renamed into place; in an existing
+    folder (which may hold other files) `last` is removed first and moved in last, so a folder
+    holding `last` always holds the complete set."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        if folder.exists():
+            (folder / last).unlink(missing_ok=True)  # the old one must not vouch for new files
+            for name in sorted(files, key=lambda n: n == last):
+                os.replace(tmp / name, folder / name)
+            tmp.rmdir()
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 # The writers of torch and safetensors report a failed write (a full disk) as their own errors
 # (RuntimeError "unexpected pos", SafetensorError), which would reach the user as a traceback;
 # these keep it the OSError it is, so the CLIs say "the disk is full" in one line.

@@ -12,7 +12,8 @@ layer l has its own n = width / L latents, which read only input l and write to 
 `W_dec` is kept dense with the blocks t < l (a latent writing to an earlier layer) masked to
 zero: they get no gradient and stay zero. The L1 / L0 penalties weigh each latent by its
 decoder norms summed over the output layers it writes (`penalty_by_decoder_norm`, as in the CLT
-papers); TopK picks the k largest of all L * n latents per token. `--width` (or `--expansion`,
+papers); TopK keeps the k largest latents of each layer per token (so layer t's outputs depend on
+inputs 0..t only, and a spliced CLT can run layer by layer). `--width` (or `--expansion`,
 relative to the summed input widths) is the total over layers and must divide by L.
 
 Saved in our format (train_sae/training/dictionary_saving.py) with the decoder split per source
@@ -60,7 +61,7 @@ class CrossLayerTranscoder(Dictionary):
     def __init__(self, io: IO, d_sae: int, cfg, seed: int = 0):
         check_layers(io, d_sae)
         super().__init__(io, d_sae, cfg)
-        L = self.n_layers = len(io.inputs)
+        L = self.n_layers = self.topk_groups = len(io.inputs)
         n = self.n_per_layer = d_sae // L
         d, e = io.in_splits[0], io.out_splits[0]
         # latent (l, i) writes output t >= l: [L, 1, L, 1]

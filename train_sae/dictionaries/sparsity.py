@@ -92,22 +92,27 @@ class TopK:
         """lr 2e-4 / sqrt(width / 2^14) (Gao et al. 2024, sec. 2.1 scaling), no decay."""
         return {"lr": 2e-4 / math.sqrt(d_sae / 2**14)}
 
+    topk_groups: int = 1  # k is per group of d_sae / topk_groups latents (a CLT's layers)
+
     def __init__(self, io, d_sae: int, cfg: TopKConfig, seed: int = 0):
-        check_width(d_sae, cfg.k)
         super().__init__(io, d_sae, cfg, seed)  # type: ignore[call-arg]
+        check_width(d_sae // self.topk_groups, cfg.k)
         self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, self.d_out // 2)
         # tokens since each latent last fired: [d_sae]
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return keep_topk(torch.relu(pre), self.cfg.k)
+        return self.select(torch.relu(pre))
 
     def train_activation(self, pre: torch.Tensor) -> torch.Tensor:
         return self.select(torch.relu(pre))
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:
-        """Training-time sparsification of ReLU(pre) [batch, d_sae]."""
-        return keep_topk(pre_relu, self.cfg.k)
+        """Sparsification of ReLU(pre) [batch, d_sae]: the k largest of each group."""
+        if self.topk_groups == 1:
+            return keep_topk(pre_relu, self.cfg.k)
+        groups = pre_relu.reshape(pre_relu.shape[0], self.topk_groups, -1)
+        return keep_topk(groups, self.cfg.k).reshape(pre_relu.shape)
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold  # [d_sae] bool

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from shared.atomic import write_safetensors
+from shared.atomic import write_folder_files, write_safetensors
 from shared.errors import fail, first_line
 from train_sae.dictionaries import IO, REGISTRY, build, io_kind
 from train_sae.dictionaries.crosscoder import CrosscoderShape as Crosscoder
@@ -113,23 +110,12 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, *, models: str | list[st
     assert not clash, f"extra_cfg may not override {clash}"
     cfg.update(extra_cfg or {})
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_safetensors(tmp / WEIGHTS_FILE, tensors)
-        write_safetensors(tmp / SPARSITY_FILE,
-                          {"sparsity": sparsity.detach().float().cpu().contiguous()})
-        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        if folder.exists():
-            (folder / CFG_FILE).unlink(missing_ok=True)  # old cfg.json must not vouch for new weights
-            for name in (WEIGHTS_FILE, SPARSITY_FILE, CFG_FILE):
-                os.replace(tmp / name, folder / name)
-            tmp.rmdir()
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_folder_files(folder, {
+        WEIGHTS_FILE: lambda p: write_safetensors(p, tensors),
+        SPARSITY_FILE: lambda p: write_safetensors(
+            p, {"sparsity": sparsity.detach().float().cpu().contiguous()}),
+        CFG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"),
+    }, last=CFG_FILE)
     return folder
 
 

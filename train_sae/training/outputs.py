@@ -4,8 +4,9 @@
     OUT/checkpoint.pt              while running, when --checkpoint-every is set
     OUT/<member>/metrics.jsonl     training-time metrics, one line per logged step
     OUT/<member>/metrics.json      status, hyperparameters, "final" metrics (last 10% of steps)
-    OUT/<member>/cfg.json + ...    the trained SAE (SAELens format, train_sae/training/saving.py) or
-                                   crosscoder (train_sae/training/crosscoder_saving.py)
+    OUT/<member>/cfg.json + ...    the trained SAE or transcoder (SAELens format,
+                                   train_sae/training/saving.py), crosscoder (crosscoder_saving.py)
+                                   or CLT (clt_saving.py); load any with loading.load_dictionary
     OUT/<member>/relative_norms.*  two-hook crosscoders: relative decoder norms (values, histogram)
 
 Under torchrun, rank 0 owns the sweep folder (its lock, sweep.json, the checkpoint, the final
@@ -36,6 +37,8 @@ from train_sae.evaluation.crosscoder_metrics import (
 )
 from train_sae.evaluation.metrics import FeatureDensity
 from train_sae.training.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from train_sae.training.clt_saving import WEIGHTS_FILE as CLT_WEIGHTS
+from train_sae.training.clt_saving import save_clt
 from train_sae.training.config import MemberConfig, TrainConfig
 from train_sae.training.crosscoder_saving import WEIGHTS_FILE as CROSSCODER_WEIGHTS
 from train_sae.training.crosscoder_saving import save_crosscoder
@@ -67,35 +70,52 @@ def log_density(d: FeatureDensity) -> torch.Tensor:
 
 def save_member(m: Member, folder: Path, manifest: Manifest, dims: dict[str, int],
                 scales: dict[str, float]) -> None:
-    """Save a finished member's weights (scaling folded in) and, for a two-hook crosscoder, its
-    relative decoder norms."""
+    """Save a finished member's weights (scaling folded in) in its architecture's format and,
+    for a two-hook crosscoder, its relative decoder norms."""
     sparsity = log_density(m.final_density)
-    if m.cfg.is_crosscoder:
+    kind = m.cfg.io_kind
+    models = [model_and_hook(manifest, h)[0] for h in m.hooks]
+    if kind == "crosscoder":
         save_crosscoder(m.sae, folder,  # type: ignore[arg-type]
-                        models=[model_and_hook(manifest, h)[0] for h in m.hooks],
-                        sparsity=sparsity, input_scales=[scales[h] for h in m.hooks],
+                        models=models, sparsity=sparsity,
+                        input_scales=[scales[h] for h in m.hooks],
                         extra_cfg={"sweep_member": m.name,
                                    "training": m.cfg.hyperparameters()})
         if len(m.hooks) == 2:  # the model-diffing view; W_dec in training units, as trained
             m.relative_norms = save_relative_norms(m.sae.W_dec, m.sae.splits,  # type: ignore
                                                    m.hooks, folder)
         return
+    if kind == "clt":
+        save_clt(m.sae, folder, models=models, sparsity=sparsity,  # type: ignore[arg-type]
+                 input_scales=[scales[h] for h in m.hooks],
+                 output_scales=[scales[h] for h in m.cfg.outputs],
+                 extra_cfg={"sweep_member": m.name, "training": m.cfg.hyperparameters()})
+        return
     (hook,) = m.hooks
     model, model_hook = model_and_hook(manifest, hook)
     extra = {"sweep_member": m.name, **m.cfg.hyperparameters()}
     if model_hook != hook:
         extra["store_hook"] = hook
+    out_hook = output_scale = None
+    if kind == "transcoder":
+        (store_out,) = m.cfg.outputs
+        out_hook = model_and_hook(manifest, store_out)[1]
+        output_scale = scales[store_out]
+        if out_hook != store_out:
+            extra["store_out_hook"] = store_out
     save_sae(m.sae, folder, hook=model_hook, model=model, d_in=dims[hook], extra_cfg=extra,
-             sparsity=sparsity, input_scale=scales[hook])
+             sparsity=sparsity, input_scale=scales[hook], out_hook=out_hook,
+             output_scale=output_scale)
 
 
 def write_member_json(out: Path, m: Member, dims: dict[str, int], batch_size: int, steps: int,
                       scales: dict[str, float] | None = None) -> None:
     done = m.status == "done"
-    cc = m.cfg.is_crosscoder
+    cc = m.cfg.io_kind in ("crosscoder", "clt")  # several input hooks
     doc: dict[str, Any] = {
-        "name": m.name, "arch": m.cfg.arch,
+        "name": m.name, "arch": m.cfg.arch, "sparsity": m.cfg.sparsity,
         "hook": None if cc else m.hooks[0], "hooks": list(m.hooks),
+        "out_hooks": list(m.cfg.out_hooks),
         "d_in": sum(dims[h] for h in m.hooks), "d_sae": m.cfg.d_sae,
         "hyperparameters": m.cfg.hyperparameters(),
         "status": m.status, "failure": m.failure,
@@ -113,6 +133,9 @@ def write_member_json(out: Path, m: Member, dims: dict[str, int], batch_size: in
             doc["relative_norms"] = m.relative_norms
     else:
         doc["input_scale"] = scales[m.hooks[0]] if scales else None
+    if m.cfg.out_hooks:
+        doc["d_out_per_hook"] = {h: dims[h] for h in m.cfg.out_hooks}
+        doc["output_scales"] = {h: scales[h] for h in m.cfg.out_hooks} if scales else None
     write_json(out / m.name / METRICS_JSON, doc)
 
 
@@ -214,7 +237,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 # siblings from atomic writes). --overwrite removes these and nothing else.
 SWEEP_FILES = frozenset({SWEEP_JSON, CHECKPOINT_NAME, *REPORT_FILES, "wandb"})
 MEMBER_FILES = frozenset({METRICS_JSON, METRICS_JSONL, CFG_FILENAME, WEIGHTS_FILENAME,
-                          SPARSITY_FILENAME, CROSSCODER_WEIGHTS, RELATIVE_NORMS_FILE,
+                          SPARSITY_FILENAME, CROSSCODER_WEIGHTS, CLT_WEIGHTS, RELATIVE_NORMS_FILE,
                           RELATIVE_NORMS_PLOT})
 
 
@@ -249,8 +272,8 @@ def remove_sweep(out: Path, doc: dict[str, Any]) -> None:
 
 
 def _saving_folder_of(name: str, members: set[Any]) -> bool:
-    """A crosscoder's saving folder left by a killed run: `.<member>.<random>` (crosscoder
-    saving writes there and renames it into place)."""
+    """A saving folder left by a killed run: `.<member>.<random>` (crosscoder and CLT saving
+    write there and rename it into place, shared/atomic.py write_folder_files)."""
     return name.startswith(".") and any(name.startswith(f".{m}.") for m in members)
 
 

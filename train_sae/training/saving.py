@@ -1,4 +1,5 @@
-"""Save and load trained SAEs as folders SAELens (>= 6) loads with `SAE.load_from_disk`.
+"""Save and load trained SAEs and transcoders as folders SAELens (>= 6) loads with
+`SAE.load_from_disk`.
 
 A run folder holds:
     cfg.json                 SAELens 6 config (architecture, d_in, d_sae, dtype, device,
@@ -11,8 +12,14 @@ A run folder holds:
 Our architectures map to SAELens ones: relu and april -> "standard" (april with
 apply_b_dec_to_input false), topk -> "topk", batchtopk -> "jumprelu" (its inference form, a
 JumpReLU with the learned threshold repeated per latent), jumprelu -> "jumprelu" (threshold =
-exp(log_threshold)), gated -> "gated". The training-time input scaling is folded into the saved
-weights, so the saved SAE takes and returns raw activations (normalize_activations "none").
+exp(log_threshold)), gated -> "gated", matryoshka_batchtopk -> "jumprelu" (as SAELens saves its
+own for inference). Transcoders: ReLU -> "transcoder" / "skip_transcoder", JumpReLU and BatchTopK
+-> "jumprelu_transcoder" / "jumprelu_skip_transcoder" (with `d_out` and metadata `hook_name_out`),
+and TopK, which SAELens has no format for, -> "topk_transcoder" (ours: the same weight names
+W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec [d_out], W_skip [d_out, d_in] for a skip
+transcoder, and `k` in cfg.json; y = topk(ReLU(x @ W_enc + b_enc)) @ W_dec + b_dec (+ x @
+W_skip^T)). The training-time input (and output) scaling is folded into the saved weights, so the
+saved dictionary takes and returns raw activations (normalize_activations "none").
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from safetensors.torch import load_file
 
 from shared.atomic import atomic_write, atomic_write_text, write_safetensors
 from shared.errors import fail
-from train_sae.dictionaries import REGISTRY, SAE, build_sae
+from train_sae.dictionaries import IO, REGISTRY, SAE, build, io_kind
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -48,12 +55,15 @@ def save_sae(
     extra_cfg: dict[str, Any],
     sparsity: torch.Tensor,
     input_scale: float,
+    out_hook: str | None = None,
+    output_scale: float | None = None,
 ) -> Path:
-    """Write `sae` (trained on activations times `input_scale`) as a SAELens-loadable folder.
+    """Write `sae` (trained on activations times `input_scale`; a transcoder predicting
+    `out_hook`'s activations times `output_scale`) as a SAELens-loadable folder.
 
-    `sparsity` [d_sae] is the log10 firing density of each latent. The SAE passed in is not
-    modified; a copy with the scaling folded in is saved. cfg.json is written last, so a folder
-    with a cfg.json is complete.
+    `sparsity` [d_sae] is the log10 firing density of each latent. The dictionary passed in is
+    not modified; a copy with the scaling folded in is saved. cfg.json is written last, so a
+    folder with a cfg.json is complete.
     """
     if d_in != sae.d_in:
         fail(f"d_in {d_in} does not match the SAE's input size {sae.d_in}")
@@ -61,13 +71,18 @@ def save_sae(
         fail(f"sparsity must have shape ({sae.d_sae},), got {tuple(sparsity.shape)}")
     if not input_scale > 0:
         fail(f"input_scale must be > 0 (got {input_scale})")
+    transcoder = sae.io_kind == "transcoder"
+    if transcoder and out_hook is None:
+        fail("a transcoder is saved with the hook it predicts (out_hook)")
+    out_scale = float(input_scale if output_scale is None else output_scale)
     folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scaling(float(input_scale))
+    folded.fold_scaling(float(input_scale), out_scale)
     weights = {k: v.detach().float().contiguous().clone() for k, v in folded.saelens_state().items()}
 
     cfg: dict[str, Any] = {
         "architecture": sae.saelens_architecture,
         "d_in": sae.d_in,
+        **({"d_out": sae.d_out} if transcoder else {}),
         "d_sae": sae.d_sae,
         "dtype": "float32",
         "device": "cpu",
@@ -80,12 +95,14 @@ def save_sae(
             "sae_lens_training_version": None,
             "model_name": model,
             "hook_name": hook,
+            **({"hook_name_out": out_hook} if transcoder else {}),
         },
         OUR_SECTION: {
             **extra_cfg,
             "arch": sae.arch,
             "hyperparameters": sae.cfg.to_dict(),
             "input_scale": float(input_scale),
+            **({"output_scale": out_scale} if transcoder else {}),
         },
     }
     out = Path(folder)
@@ -99,12 +116,20 @@ def save_sae(
     return out
 
 
-# SAELens architecture -> ours, for folders written by SAELens itself (no "train_sae" section)
-_FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+# SAELens architecture -> ours (and the hyperparameters that pick it), for folders written by
+# SAELens itself (no "train_sae" section)
+_FROM_SAELENS: dict[str, tuple[str, dict[str, Any]]] = {
+    "topk": ("topk", {}), "jumprelu": ("jumprelu", {}), "gated": ("gated", {}),
+    "transcoder": ("transcoder", {"sparsity": "relu"}),
+    "skip_transcoder": ("skip_transcoder", {"sparsity": "relu"}),
+    "jumprelu_transcoder": ("transcoder", {"sparsity": "jumprelu"}),
+    "jumprelu_skip_transcoder": ("skip_transcoder", {"sparsity": "jumprelu"}),
+}
 
 
 def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
-    """Read a saved SAE (ours, or a SAELens one of a supported architecture) in eval mode."""
+    """Read a saved SAE or transcoder (ours, or a SAELens one of a supported architecture) in
+    eval mode; its hooks are named as cfg.json's metadata names them."""
     path = Path(folder)
     cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
     if not cfg_path.exists() or not weights_path.exists():
@@ -119,9 +144,17 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         fail(f"{path} uses normalize_activations={cfg['normalize_activations']!r}; fold it first")
     try:
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        d_out = int(cfg.get("d_out", d_in))
     except (KeyError, TypeError, ValueError):
         fail(f"{path / CFG_FILENAME} lacks integer d_in and d_sae; save the SAE again")
-    sae = build_sae(arch, d_in, d_sae, params, 0)
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook = str(meta.get("hook_name") or cfg.get("hook_name") or "x")
+    if io_kind(arch) == "transcoder":
+        out_hook = str(meta.get("hook_name_out") or cfg.get("hook_name_out") or "y")
+        io = IO.of({hook: d_in}, {out_hook: d_out})
+    else:
+        io = IO.same({hook: d_in})
+    sae = build(arch, io, d_sae, params, 0)
     sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", sae.apply_b_dec_to_input))
     expected = {k: v.shape for k, v in sae.saelens_state().items()}
     got = {k: state[k].shape for k in expected if k in state}
@@ -174,4 +207,5 @@ def _arch_and_params(cfg: dict[str, Any], ours: dict[str, Any], path: Path) -> t
         if cfg.get("rescale_acts_by_decoder_norm", False):
             fail(f"{path} is a topk SAE with rescale_acts_by_decoder_norm, not supported here")
         return "topk", {"k": int(cfg.get("k", 100))}
-    return _FROM_SAELENS[saelens_arch], {}
+    arch, params = _FROM_SAELENS[saelens_arch]
+    return arch, dict(params)
