@@ -1,6 +1,7 @@
 """Kill -9 a real `train-sae sweep` after its first checkpoint, resume it, and get the same bytes:
-a one-hook sweep of SAEs (AuxK buffers, resampling after the kill point), and a two-hook sweep
-of per-hook SAEs plus a crosscoder."""
+a one-hook sweep of SAEs (AuxK buffers, resampling after the kill point), a two-hook sweep
+of per-hook SAEs plus a crosscoder, and skip transcoders plus CLTs (TopK and ReLU each) over two
+input/output pairs."""
 
 import json
 import math
@@ -21,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAE_FILES = ("sae_weights.safetensors", "sparsity.safetensors", "metrics.jsonl", "cfg.json")
 CROSSCODER_FILES = ("crosscoder_weights.safetensors", "sparsity.safetensors", "metrics.jsonl",
                     "cfg.json", "relative_norms.safetensors", "relative_norms.png")
+CLT_FILES = ("clt_weights.safetensors", "sparsity.safetensors", "metrics.jsonl", "cfg.json")
 COMMON = ["--k", "4", "--l1", "1.0", "--lr", "3e-2", "--batch-size", "64", "--param",
           "dead_tokens_threshold=2000", "--log-every", "25", "--checkpoint-every", "50",
           "--device", "cpu"]
@@ -33,6 +35,15 @@ CASES = {
                               "--tokens", str(64 * 300)],
                              ["a--topk-w48-dead2000-k4-lr0.03", "b--topk-w48-dead2000-k4-lr0.03",
                               "crosscoder-w48-l11-lr0.03"]),
+    # --k and --l1 make a TopK and a ReLU variant of each
+    "transcoders_and_clt": (["--hook", "in0", "--hook", "in1", "--out-hook", "out0",
+                             "--out-hook", "out1", "--arch", "skip_transcoder,clt", "--width", "48",
+                             "--tokens", str(64 * 300)],
+                            ["clt.relu-w48-l11-lr0.03", "clt.topk-w48-dead2000-k4-lr0.03",
+                             "in0--skip_transcoder.relu-w48-l11-lr0.03",
+                             "in0--skip_transcoder.topk-w48-dead2000-k4-lr0.03",
+                             "in1--skip_transcoder.relu-w48-l11-lr0.03",
+                             "in1--skip_transcoder.topk-w48-dead2000-k4-lr0.03"]),
 }
 
 
@@ -52,6 +63,12 @@ def write_store(path: Path, case: str) -> None:
     if case == "saes":
         x, _ = make_sparse_data(4096, 16, 32, 2, seed=3)
         write_synthetic_store(path, x, chunk_rows=512)
+    elif case == "transcoders_and_clt":
+        x0, _ = make_sparse_data(4096, 16, 32, 2, seed=3)
+        x1, _ = make_sparse_data(4096, 16, 32, 2, seed=4)
+        mix = torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+        write_multihook_store(path, {"in0": x0, "in1": x1, "out0": torch.relu(x0 @ mix),
+                                     "out1": torch.relu((x0 + x1) @ mix)}, chunk_rows=512)
     else:
         x_a, _ = make_sparse_data(4096, 16, 32, 2, seed=3)
         x_b, _ = make_sparse_data(4096, 8, 16, 2, seed=4)
@@ -90,7 +107,8 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, monkeypatch, case):
 
     assert sorted(p.name for p in (tmp_path / "ref").iterdir() if p.is_dir()) == names
     for name in names:
-        files = CROSSCODER_FILES if name.startswith("crosscoder") else SAE_FILES
+        files = (CROSSCODER_FILES if name.startswith("crosscoder") else
+                 CLT_FILES if name.startswith("clt") else SAE_FILES)
         for f in files:
             assert (killed / name / f).read_bytes() == (tmp_path / "ref" / name / f).read_bytes(), \
                 (name, f)
@@ -101,6 +119,9 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, monkeypatch, case):
     assert not (killed / "checkpoint.pt").exists()
     if case == "saes":
         check_resampling_after_resume(killed / "relu-w96-l11-lr0.03-rs")
+    elif case == "transcoders_and_clt":
+        doc = json.loads((killed / "clt.topk-w48-dead2000-k4-lr0.03" / "metrics.json").read_text())
+        assert set(doc["final"]) >= {"fvu/out0", "fvu/out1"} and doc["out_hooks"] == ["out0", "out1"]
     else:
         doc = json.loads((killed / "crosscoder-w48-l11-lr0.03" / "metrics.json").read_text())
         assert set(doc["final"]) >= {"fvu/a", "fvu/b", "mse/a", "mse/b"}

@@ -225,11 +225,13 @@ def expand_grid(spec: GridSpec, inputs: dict[str, int], batch_size: int, total_s
                 + (f"; it is for {', '.join(users)}" if users else "; no architecture has it")
             )
     makers = []
+    used = {"sparsity"}
     for g in groups(spec.archs, inputs, outputs or {}):
         widths = resolve_widths(spec.widths, spec.expansions, g.d_in)
         for arch in g.archs:
             for sparsity in variants(arch, spec.values):
                 keys = [k for k in spec.values if k != "sparsity" and applies(arch, k, sparsity)]
+                used.update(keys)
                 fixed = {} if sparsity is None else {"sparsity": sparsity}
                 for width in widths:
                     for combo in itertools.product(*(spec.values[k] for k in keys)):
@@ -237,6 +239,12 @@ def expand_grid(spec: GridSpec, inputs: dict[str, int], batch_size: int, total_s
                         makers.append(partial(make_member, arch, width, given, batch_size,
                                               total_steps, spec.resample_at, hooks=g.hooks,
                                               out_hooks=g.out_hooks, prefix=g.prefix))
+    unused = [k for k in spec.values if k not in used]
+    if unused:  # e.g. --sparsity relu --k 4: k is an option of the topk sparsity only
+        fail(f"{flag(unused[0])} applies to none of the chosen architectures with the chosen "
+             f"sparsities ({', '.join(spec.archs)}; --sparsity "
+             f"{','.join(map(str, spec.values.get('sparsity', ['from the options'])))}); "
+             "drop it or add a sparsity that takes it")
     return make_members(makers)
 
 
