@@ -12,11 +12,11 @@ from synthetic import build_crosscoder
 from shared.errors import UserError
 from train_sae.training.crosscoder_saving import (
     CFG_FILE,
-    SPARSITY_FILE,
     WEIGHTS_FILE,
     load_crosscoder,
     save_crosscoder,
 )
+from train_sae.training.saving import SPARSITY_FILENAME as SPARSITY_FILE
 
 
 def _trained_like(arch: str, splits: list[int], params: dict, d_sae: int = 10):

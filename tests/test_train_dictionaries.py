@@ -270,3 +270,51 @@ def test_bad_dictionary_options_exit_2_with_one_line(tmp_path, monkeypatch, caps
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# --- adding an architecture -------------------------------------------------------------------
+def test_a_new_architecture_is_one_class_and_its_registry_line(tmp_path, monkeypatch, capsys):
+    """An architecture defined here, registered, and nothing else: the sweep trains it (with
+    its own option through --param), saves it and loads it back."""
+    from dataclasses import dataclass
+
+    from synthetic import write_synthetic_store
+
+    from train_sae.dictionaries import REGISTRY, register
+    from train_sae.dictionaries.common import LinearSAE, UnitNormDecoder
+    from train_sae.dictionaries.sparsity import TopK, TopKConfig
+
+    @dataclass
+    class AbsTopKConfig(TopKConfig):
+        k: int = 3
+
+    class AbsTopKSAE(TopK, UnitNormDecoder, LinearSAE):
+        """TopK on |pre|, keeping the sign (as SAELens's abstopk)."""
+
+        arch = "abstopk_test"
+        saelens_architecture = "topk"
+        Config = AbsTopKConfig
+
+        def select(self, pre_relu):  # here `pre` itself (activation below passes it unchanged)
+            top = pre_relu.abs().topk(self.cfg.k, dim=-1).indices
+            return torch.zeros_like(pre_relu).scatter(-1, top, pre_relu.gather(-1, top))
+
+        def activation(self, pre):
+            return self.select(pre)
+
+        def train_activation(self, pre):
+            return self.select(pre)
+
+    monkeypatch.setitem(REGISTRY, "abstopk_test", {})
+    register(AbsTopKSAE)
+    x, _ = make_sparse_data(2048, 8, 16, 2, seed=0)
+    write_synthetic_store(tmp_path / "store", x, chunk_rows=512)
+    code, _, err = cli(monkeypatch, capsys, "sweep", "--store", tmp_path / "store", "--out",
+                       tmp_path / "o", "--arch", "abstopk_test,topk", "--width", "16",
+                       "--param", "k=2", "--batch-size", "128", "--device", "cpu")
+    assert code == 0, err
+    folder = tmp_path / "o" / "abstopk_test-w16-k2-lr6.4e-3"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "done" and metrics["final"]["l0"] == pytest.approx(2.0)
+    model, _ = load_dictionary(folder)
+    assert type(model) is AbsTopKSAE and model.cfg.k == 2

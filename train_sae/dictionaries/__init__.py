@@ -37,11 +37,19 @@ ARCHITECTURES: list[type[Dictionary]] = [
 
 # arch -> {sparsity: class}; the first sparsity of an arch is its default
 REGISTRY: dict[str, dict[str, type[Dictionary]]] = {}
+
+
+def register(cls: type[Dictionary]) -> type[Dictionary]:
+    """List `cls` under its `arch` (and `sparsity`); usable as a class decorator."""
+    REGISTRY.setdefault(cls.arch, {})[cls.sparsity] = cls
+    return cls
+
+
 for _cls in ARCHITECTURES:
-    REGISTRY.setdefault(_cls.arch, {})[_cls.sparsity] = _cls
+    register(_cls)
 
 __all__ = ["IO", "REGISTRY", "SAE", "Dictionary", "TrainOutput", "TrainProgress", "arch_class",
-           "arch_params", "build", "build_sae", "make_config"]
+           "arch_params", "build", "build_sae", "make_config", "register"]
 
 
 def check_arch(arch: str) -> None:

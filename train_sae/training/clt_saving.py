@@ -25,17 +25,15 @@ Latents are in layer-major order (latent l * n + i is latent i of layer l). Infe
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from shared.atomic import write_folder_files, write_safetensors
 from shared.errors import fail
 from train_sae.dictionaries import IO, REGISTRY, build, io_kind
 from train_sae.dictionaries.clt import CrossLayerTranscoder
-from train_sae.training.saving import CFG_FILENAME, SPARSITY_FILENAME, read_cfg, read_tensors
+from train_sae.training.saving import CFG_FILENAME, read_cfg, read_tensors, write_own_format
 
 FORMAT = "clt"
 FORMAT_VERSION = 1
@@ -65,16 +63,7 @@ def save_clt(clt: CrossLayerTranscoder, folder: str | Path, *, models: list[str]
         "output_scales_folded": clt.per_hook_scales(output_scales, clt.n_layers, "output"),
         "dtype": "float32",
     }
-    clash = sorted(set(extra_cfg or {}) & set(cfg))
-    assert not clash, f"extra_cfg may not override {clash}"
-    cfg.update(extra_cfg or {})
-    write_folder_files(folder, {
-        WEIGHTS_FILE: lambda p: write_safetensors(p, tensors),
-        SPARSITY_FILENAME: lambda p: write_safetensors(
-            p, {"sparsity": sparsity.detach().float().cpu().contiguous()}),
-        CFG_FILENAME: lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"),
-    }, last=CFG_FILENAME)
-    return folder
+    return write_own_format(folder, WEIGHTS_FILE, tensors, sparsity, cfg, extra_cfg)
 
 
 def load_clt(folder: str | Path, device: str = "cpu") -> tuple[CrossLayerTranscoder,

@@ -28,12 +28,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from shared.atomic import write_folder_files, write_safetensors
 from shared.errors import fail, first_line
 from train_sae.dictionaries import IO, REGISTRY, build, io_kind
 from train_sae.dictionaries.crosscoder import CrosscoderShape as Crosscoder
 from train_sae.training.saving import CFG_FILENAME as CFG_FILE  # the same names as an SAE's folder
-from train_sae.training.saving import SPARSITY_FILENAME as SPARSITY_FILE
+from train_sae.training.saving import write_own_format
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "crosscoder_weights.safetensors"
@@ -106,17 +105,7 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, *, models: str | list[st
         "weight_layout": layout,
         "dtype": "float32",
     }
-    clash = sorted(set(extra_cfg or {}) & set(cfg))
-    assert not clash, f"extra_cfg may not override {clash}"
-    cfg.update(extra_cfg or {})
-
-    write_folder_files(folder, {
-        WEIGHTS_FILE: lambda p: write_safetensors(p, tensors),
-        SPARSITY_FILE: lambda p: write_safetensors(
-            p, {"sparsity": sparsity.detach().float().cpu().contiguous()}),
-        CFG_FILE: lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"),
-    }, last=CFG_FILE)
-    return folder
+    return write_own_format(folder, WEIGHTS_FILE, tensors, sparsity, cfg, extra_cfg)
 
 
 def load_crosscoder(folder: str | Path, device: str = "cpu") -> tuple[Crosscoder, dict[str, Any]]:

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from shared.atomic import atomic_write, atomic_write_text, write_safetensors
+from shared.atomic import atomic_write, atomic_write_text, write_folder_files, write_safetensors
 from shared.errors import fail
 from train_sae.dictionaries import IO, REGISTRY, SAE, build, io_kind
 
@@ -162,6 +162,24 @@ def load_sae(folder: str | Path) -> tuple[SAE, dict[str, Any]]:
         fail(f"{weights_path} holds {got}, expected {expected} for arch {arch!r}; save it again")
     sae.load_saelens_state({k: state[k].float() for k in expected})
     return sae.eval(), cfg
+
+
+def write_own_format(folder: Path, weights_file: str, tensors: dict[str, torch.Tensor],
+                     sparsity: torch.Tensor, cfg: dict[str, Any],
+                     extra_cfg: dict[str, Any] | None) -> Path:
+    """A run folder in one of our own formats (crosscoders, CLTs): weights, sparsity and
+    cfg.json (plus `extra_cfg`, which may not shadow the format's keys) written as one unit,
+    cfg.json last (shared/atomic.py write_folder_files)."""
+    clash = sorted(set(extra_cfg or {}) & set(cfg))
+    assert not clash, f"extra_cfg may not override {clash}"
+    doc = {**cfg, **(extra_cfg or {})}
+    write_folder_files(folder, {
+        weights_file: lambda p: write_safetensors(p, tensors),
+        SPARSITY_FILENAME: lambda p: write_safetensors(
+            p, {"sparsity": sparsity.detach().float().cpu().contiguous()}),
+        CFG_FILENAME: lambda p: p.write_text(json.dumps(doc, indent=2) + "\n"),
+    }, last=CFG_FILENAME)
+    return folder
 
 
 def read_cfg(path: Path) -> dict[str, Any]:
