@@ -42,6 +42,10 @@ def base(store, out):
     (["--arch", "topk", "--width", 8, "--tokens", "lots"], "cannot read count 'lots'"),
     (["--arch", "topk", "--width", 8, "--param", "bandwidth"], "NAME=V1,V2"),
     (["--arch", "topk", "--width", 8, "--lr", "-1"], "--lr must be > 0"),
+    (["--arch", "topk", "--width", 8, "--checkpoint-every", "2q"], "cannot read count '2q'"),
+    (["--arch", "topk", "--width", 8, "--param", "dead_tokens_threshold=0k"],
+     "dead_tokens_threshold must be >= 1 (got 0)"),
+    (["--arch", "topk", "--width", 8, "--param", "k=4", "--k", "8"], "k is given twice"),
     (["--width", 8], "no architecture given"),
 ])
 def test_bad_options_exit_2_with_one_line(store, tmp_path, monkeypatch, capsys, extra, message):
@@ -179,3 +183,14 @@ def test_cli_import_leaves_out_the_model_and_plotting_libraries():
             "if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_counts_take_unit_suffixes(store, tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "run", "--store", store, "--out", tmp_path / "o",
+                       "--device", "cpu", "--batch-size", "0.5k", "--tokens", "2k",
+                       "--log-every", "1k", "--arch", "topk", "--width", 8, "--k", 2,
+                       "--param", "dead_tokens_threshold=10M")
+    assert code == 0, err
+    doc = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert (doc["total_steps"], doc["settings"]["batch_size"]) == (4, 500)
+    assert doc["members"][0]["params"]["dead_tokens_threshold"] == 10_000_000

@@ -65,13 +65,13 @@ OutHook = Annotated[list[str] | None, typer.Option(
          "blocks.0.ln2.hook_normalized --out-hook blocks.0.hook_mlp_out)")]
 Tokens = Annotated[str | None, typer.Option(
     help="training tokens, e.g. 50M or 2e8 (default: every row once)")]
-BatchSize = Annotated[int, typer.Option(help="activations per training step")]
+BatchSize = Annotated[str, typer.Option(help="activations per training step, e.g. 4096 or 4k")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 Seed = Annotated[int, typer.Option(help="seed for SAE init and batch order")]
 Resume = Annotated[bool, typer.Option(help="continue the killed sweep in --out")]
 Overwrite = Annotated[bool, typer.Option(help="replace the sweep in --out")]
-CkptEvery = Annotated[int, typer.Option(help="checkpoint every N steps (0: never)")]
-LogEvery = Annotated[int, typer.Option(help="write metrics every N steps")]
+CkptEvery = Annotated[str, typer.Option(help="checkpoint every N steps, e.g. 2000 or 2k (0: never)")]
+LogEvery = Annotated[str, typer.Option(help="write metrics every N steps")]
 Wandb = Annotated[str | None, typer.Option(help="also log to this W&B project")]
 Config = Annotated[Path | None, typer.Option(help="TOML file listing the members explicitly")]
 DataParallel = Annotated[bool, typer.Option(
@@ -128,19 +128,21 @@ def with_params(command):
 
 def _train(single: bool, store: str, storage_option: list[str] | None, out: Path,
            hook: list[str] | None, out_hook: list[str] | None, tokens: str | None,
-           batch_size: int, device: str, seed: int, resume: bool, overwrite: bool,
-           checkpoint_every: int, log_every: int, wandb_project: str | None, normalize: bool,
+           batch_size: str, device: str, seed: int, resume: bool, overwrite: bool,
+           checkpoint_every: str, log_every: str, wandb_project: str | None, normalize: bool,
            data_parallel: bool, config: Path | None, arch: str | None, width: str | None,
            expansion: str | None, param: list[str] | None, resample_at: str | None,
            flags: dict[str, str | None]) -> None:
     check_out(out)
+    batch = parse_count(batch_size)
     options = parse_storage_options(storage_option or [])
     location(store, options, option="--store")  # a remote store is reachable (one quick probe)
     cfg = TrainConfig(store=store, out=str(out), hooks=tuple(hook or ()),
                       out_hooks=tuple(out_hook or ()),
                       tokens=parse_count(tokens) if tokens is not None else None,
-                      batch_size=batch_size, device=device, seed=seed,
-                      checkpoint_every=checkpoint_every, log_every=log_every,
+                      batch_size=batch, device=device, seed=seed,
+                      checkpoint_every=parse_count(checkpoint_every),
+                      log_every=parse_count(log_every),
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize, data_parallel=data_parallel, storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
@@ -171,9 +173,9 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
     with distributed.init(resolve_device(cfg.device)) as world:
         plan = prepare(cfg, world)
         if spec is None:
-            members = load_toml(config, plan.d_in, batch_size, plan.total_steps, plan.d_out)
+            members = load_toml(config, plan.d_in, batch, plan.total_steps, plan.d_out)
         else:
-            members = expand_grid(spec, plan.d_in, batch_size, plan.total_steps, plan.d_out)
+            members = expand_grid(spec, plan.d_in, batch, plan.total_steps, plan.d_out)
         if single and len(members) != 1:
             fail(f"`train-sae run` trains one SAE but the options describe {len(members)}; "
                  "give one value per option or use `train-sae sweep`")
@@ -205,9 +207,9 @@ def _train_command(single: bool):
     def command(
         store: Store, out: Out, hook: Hook = None, out_hook: OutHook = None,
         storage_option: StorageOption = None, tokens: Tokens = None,
-        batch_size: BatchSize = 4096, device: Device = "auto", seed: Seed = 0,
-        resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = 0,
-        log_every: LogEvery = 100, wandb_project: Wandb = None, normalize: Normalize = True,
+        batch_size: BatchSize = "4096", device: Device = "auto", seed: Seed = 0,
+        resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = "0",
+        log_every: LogEvery = "100", wandb_project: Wandb = None, normalize: Normalize = True,
         data_parallel: DataParallel = False, config: Config = None, arch: Arch = None,
         width: Width = None, expansion: Expansion = None, resample_at: ResampleAt = None,
         param: Param = None, **flags: str | None,
