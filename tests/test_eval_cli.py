@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from train_sae.evaluation.eval_sweep import (
     held_out_start,
     training_data,
 )
+from train_sae.training.loading import load_dictionary
 from train_sae.training.saving import load_sae
 
 VOCAB = 48
@@ -204,36 +206,91 @@ def test_held_out_start_moves_past_cached_tokens(sweep):
     assert held_out_start(other_split, source_fingerprint(other_split), trained)[0] == n_cached
 
 
-def test_eval_skips_crosscoders_with_a_note(sweep, capsys):
+def test_eval_splices_a_crosscoder_hook_by_hook_and_together(sweep, capsys):
     mixed = sweep["mixed"]
     cc = next(p for p in mixed.iterdir() if p.name.startswith("crosscoder_topk"))
-    cc_metrics = (cc / "metrics.json").read_bytes()
     _cli("eval", str(mixed), "--n-tokens", "64", "--batch-size", "4", "--device", "cpu")
     captured = capsys.readouterr()
-    notes = [ln for ln in captured.err.splitlines() if ln.startswith("note:")]
-    assert notes == [notes[0]] and "skipping 1 crosscoder member(s)" in notes[0]
-    assert cc.name in notes[0] and cc.name not in captured.out
-    assert (cc / "metrics.json").read_bytes() == cc_metrics, "the crosscoder is left untouched"
+    assert not [ln for ln in captured.err.splitlines() if ln.startswith("note:")]
+    assert "evaluated 2 SAE(s) and 1 crosscoder(s)" in captured.out
+    assert f"  {cc.name} @ {HOOKS[0]}" in captured.out  # a table row per hook spliced alone
     saes = sorted(p for p in mixed.iterdir() if p.is_dir() and p != cc)
     assert [p.name.split("--")[0] for p in saes] == HOOKS
     for folder in saes:
         ev = json.loads((folder / "metrics.json").read_text())["eval"]
-        assert ev["l0"] == pytest.approx(4.0) and 0 < ev["fvu"] < 1.5
+        assert ev["l0"] == pytest.approx(4.0) and 0 < ev["fvu"] < 1.5 and "per_hook" not in ev
         # the same numbers as evaluating that SAE's folder on its own
         alone = evaluate_path(folder, EvalOptions(n_tokens=64, batch_size=4, progress=False))
         assert alone[folder.name]["ce_sae"] == pytest.approx(ev["ce_sae"], abs=1e-6)
-    # the report of the evaluated mixed sweep: eval columns for the SAEs, per-hook FVU and the
-    # model-diffing view for the crosscoder (two hooks)
+    # the crosscoder: its reconstruction from the clean activations of both hooks, spliced into
+    # each hook alone and into both together, by hand with plain transformer_lens
+    ev = json.loads((cc / "metrics.json").read_text())["eval"]
+    assert ev["kind"] == "crosscoder" and ev["spliced_hooks"] == HOOKS[::-1]  # its hook order
+    assert sorted(ev["per_hook"]) == sorted(HOOKS) and ev["l0"] == pytest.approx(4.0)
+    store = open_store(sweep["store"])
+    n_cached = int(store.array("seq_index")[:].max()) + 1
+    spec = TokenSpec(dataset=str(sweep["data"]), token_column="ids", context_size=CTX,
+                     prepend_bos=False)
+    held = torch.cat([b.tokens for b in iter_token_batches(spec, None, 100, n_cached, 4)])
+    model = load_model(f"random:{sweep['model']}").model
+    crosscoder, _ = load_dictionary(cc)
+    _, cache = model.run_with_cache(held, names_filter=HOOKS)
+    x = torch.cat([cache[h].reshape(-1, 16) for h in crosscoder.in_hooks], -1)
+    blocks = crosscoder.split_outputs(crosscoder(x))
+
+    def ce_with(hooks: list[str], value) -> float:
+        logits = model.run_with_hooks(held, fwd_hooks=[(h, partial(value, h)) for h in hooks])
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), held[:, 1:].reshape(-1)))
+
+    def spliced(h, a, hook):
+        return blocks[h].reshape(a.shape)
+
+    def zero(h, a, hook):
+        return torch.zeros_like(a)
+
+    assert ev["ce_sae"] == pytest.approx(ce_with(HOOKS, spliced), abs=1e-5)
+    assert ev["ce_zero_ablation"] == pytest.approx(ce_with(HOOKS, zero), abs=1e-5)
+    for h in HOOKS:
+        one = ev["per_hook"][h]
+        assert one["ce_sae"] == pytest.approx(ce_with([h], spliced), abs=1e-5)
+        assert one["ce_zero_ablation"] == pytest.approx(ce_with([h], zero), abs=1e-5)
+        lr = (one["ce_zero_ablation"] - one["ce_sae"]) / (one["ce_zero_ablation"] - one["ce_clean"])
+        assert one["loss_recovered_zero"] == pytest.approx(lr)
+        assert one["fvu"] == pytest.approx(ev[f"fvu/{h}"]) and 0 < one["fvu"] < 1.5
+    # the report: eval columns for every member, per-hook FVU and loss recovered and the
+    # two-hook view for the crosscoder
     _cli("report", str(mixed))
     capsys.readouterr()
     text = (mixed / "report.md").read_text()
-    final = json.loads(cc_metrics)["final"]
+    final = json.loads((cc / "metrics.json").read_text())["final"]
     row = next(ln for ln in text.splitlines() if ln.startswith(f"| {cc.name} |"))
     assert f"{HOOKS[1]} {final['fvu/' + HOOKS[1]]:.4g}, {HOOKS[0]} {final['fvu/' + HOOKS[0]]:.4g}" \
         in row
+    rec = ev["per_hook"]
+    assert (f"{HOOKS[1]} {rec[HOOKS[1]]['loss_recovered_zero']:.4g}, "
+            f"{HOOKS[0]} {rec[HOOKS[0]]['loss_recovered_zero']:.4g}") in row
     assert f"![relative decoder norms of {cc.name}]({cc.name}/relative_norms.png)" in text
     assert (cc / "relative_norms.png").exists() and "loss rec. (zero)" in text
-    # only crosscoders: one line, exit code 2, naming the crosscoder and where its numbers are
+
+
+def test_eval_skips_crosscoders_over_several_models_with_a_note(sweep, tmp_path, capsys):
+    """A model-diffing crosscoder (hooks of two models) cannot be spliced into one model."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(sweep["mixed"], mixed)
+    cc = next(p for p in mixed.iterdir() if p.name.startswith("crosscoder_topk"))
+    cfg = json.loads((cc / "cfg.json").read_text())
+    (cc / "cfg.json").write_text(json.dumps({**cfg, "models": ["random:base", "random:chat"]}))
+    cc_metrics = (cc / "metrics.json").read_bytes()
+    _cli("eval", str(mixed), "--n-tokens", "64", "--batch-size", "4", "--device", "cpu")
+    captured = capsys.readouterr()
+    notes = [ln for ln in captured.err.splitlines() if ln.startswith("note:")]
+    assert notes == [notes[0]] and "skipping 1 member(s) whose hooks come from several models" \
+        in notes[0]
+    assert cc.name in notes[0] and "random:chat" in notes[0]
+    assert "cannot be spliced into one model" in notes[0] and cc.name not in captured.out
+    assert (cc / "metrics.json").read_bytes() == cc_metrics, "the crosscoder is left untouched"
+    assert "evaluated 2 SAE(s) on" in captured.out
+    # only such crosscoders: one line, exit code 2, naming the crosscoder and where its numbers are
     with pytest.raises(SystemExit) as e:
         _cli("eval", str(cc), "--device", "cpu")
     assert e.value.code == 2

@@ -13,7 +13,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from shared.errors import UserError
-from train_sae.evaluation.report import load_members, markdown_table, pareto_front, write_report
+from train_sae.evaluation.report import (
+    group_label,
+    load_members,
+    markdown_table,
+    pareto_front,
+    write_report,
+)
 
 
 def test_pareto_front_lower_is_better():
@@ -191,7 +197,8 @@ PAIR = ["base/blocks.0.hook_resid_post", "chat/blocks.0.hook_resid_post"]
 
 
 def test_report_with_crosscoders(sweep: Path, monkeypatch):
-    # L0 2 and FVU 0.1 would beat every SAE: crosscoders must stay off the frontiers and plot
+    # L0 2 and FVU 0.1 would beat every SAE: a crosscoder is on its own hook set's frontier and
+    # panel row, never on the SAEs'
     _crosscoder(sweep, "crosscoder-w64", PAIR, 2.0, [0.05, 0.15], (10, 20, 5))
     _crosscoder(sweep, "crosscoder-3hooks", ["a", "b", "c"], 3.0, [0.1, 0.2, 0.3], None)
     panels = _labelled_points(monkeypatch)
@@ -204,17 +211,26 @@ def test_report_with_crosscoders(sweep: Path, monkeypatch):
     assert rows["crosscoder-3hooks"][col] == "a 0.1, b 0.2, c 0.3"
     assert rows["topk-k4"][col] == "-"
     cc = rows["crosscoder-w64"]
-    assert [cc[head.index(k)] for k in ("L0", "FVU", "dead", "frontier")] == ["2", "0.1", "0.125", ""]
+    assert [cc[head.index(k)] for k in ("L0", "FVU", "dead", "frontier")] == ["2", "0.1", "0.125",
+                                                                               "FVU"]
     assert rows["topk-k4"][-1] == "FVU" and rows["topk-k8"][-1] == "FVU"
+    assert rows["relu-l1-1e-3"][-1] == ""
     text = files.report.read_text()
     assert "## Model diffing: relative decoder norms" in text
     assert "- only base (< 0.1): 10, shared (0.3..0.7): 20, only chat (> 0.9): 5 of 64 latents" in text
     assert "![relative decoder norms of crosscoder-w64](crosscoder-w64/relative_norms.png)" in text
     assert "crosscoder-3hooks/relative_norms" not in text  # three hooks: no diffing view
-    assert "not on the Pareto plot" in text
-    (panel,) = panels[0]
-    assert sorted(panel["labels"]) == ["relu-l1-1e-3", "topk-k4", "topk-k8"]
-    assert panel["title"].endswith("(crosscoders not shown)")
+    assert "its own row of panels and frontier" in text
+    # one row of panels per hook set: the SAEs' hook, then each crosscoder's (by folder name)
+    saes, three, pair = panels[0]  # not evaluated: one panel per row
+    assert sorted(saes["labels"]) == ["relu-l1-1e-3", "topk-k4", "topk-k8"]
+    assert saes["title"].endswith("\nblocks.0.hook_resid_post")
+    assert list(pair["labels"]) == ["crosscoder-w64"] and pair["title"].endswith(", ".join(PAIR))
+    assert list(three["labels"]) == ["crosscoder-3hooks"] and three["title"].endswith("a, b, c")
+    twelve = tuple(f"blocks.{i}.hook_mlp_out" for i in range(12))
+    assert group_label((twelve, twelve)) == "blocks.{0..11}.hook_mlp_out"
+    assert group_label((("blocks.0.x", "blocks.2.x"),) * 2) == "blocks.{0,2}.x"
+    assert not any("not shown" in p["title"] for p in panels[0])
     # one run folder on its own: the image link is relative to that folder's report.md
     alone = write_report(sweep / "crosscoder-w64").report.read_text()
     assert "](relative_norms.png)" in alone
@@ -225,7 +241,82 @@ def test_report_of_crosscoders_only(tmp_path: Path, monkeypatch):
     panels = _labelled_points(monkeypatch)
     files = write_report(tmp_path / "s")
     assert "base 0.05, chat 0.15" in files.table and files.pareto.exists()
-    assert list(panels[0][0]["labels"]) == ["no finished SAE to plot"]
+    assert list(panels[0][0]["labels"]) == ["cc"]
+    assert "not shown" not in panels[0][0]["title"]
+
+
+def _dictionary(root: Path, name: str, arch: str, hooks: list[str], out_hooks: list[str],
+                l0: float, fvus: list[float], eval_: dict | None = None) -> None:
+    """A finished transcoder's or CLT's metrics.json as training writes it (per-hook FVU for
+    several output hooks)."""
+    d = root / name
+    d.mkdir(parents=True)
+    final = {"l0": l0, "fvu": sum(fvus) / len(fvus), "dead_fraction": 0.0,
+             "dense_fraction": 0.0}
+    if len(out_hooks) > 1:
+        final.update({f"fvu/{h}": v for h, v in zip(out_hooks, fvus, strict=True)})
+    m = {"name": name, "arch": arch, "sparsity": "topk", "hook": hooks[0] if len(hooks) == 1
+         else None, "hooks": hooks, "out_hooks": out_hooks, "d_in": 8 * len(hooks), "d_sae": 32,
+         "hyperparameters": {"width": 32, "lr": 1e-3, "k": 4, "sparsity": "topk"},
+         "status": "done", "failure": None, "tokens": 4096, "steps": 16, "final": final,
+         "d_out_per_hook": {h: 8 for h in out_hooks}}
+    if eval_:
+        m["eval"] = eval_
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+MLP_IN = ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"]
+MLP_OUT = ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+
+
+def test_report_with_transcoders_clts_and_evaluated_crosscoders(sweep: Path, monkeypatch):
+    """Every kind in one table; one panel row per (read -> predicted) hook set; the crosscoder's
+    one-hook-at-a-time loss recovered and the CLT's per-hook FVU in their columns."""
+    ev = {"l0": 4.0, "fvu": 0.3, "loss_recovered_zero": 0.8, "loss_recovered_mean": 0.7,
+          "kl": 0.05, "ce_sae": 3.1, "ce_clean": 3.0, "n_tokens": 508,
+          "tokens_source": "held-out sequences", "kind": "transcoder"}
+    # a transcoder at L0 1 / FVU 0.01 would top the SAEs: it stays off their frontier
+    _dictionary(sweep, "transcoder-k4", "transcoder", MLP_IN[:1], MLP_OUT[:1], 1.0, [0.01], ev)
+    _dictionary(sweep, "transcoder-k8", "transcoder", MLP_IN[:1], MLP_OUT[:1], 8.0, [0.02],
+                {**ev, "l0": 8.0, "loss_recovered_zero": 0.5})
+    _dictionary(sweep, "clt-k4", "clt", MLP_IN, MLP_OUT, 8.0, [0.2, 0.4],
+                {**ev, "kind": "clt", "l0": 8.0})
+    per_hook = {MLP_OUT[0]: {"loss_recovered_zero": 0.9}, MLP_OUT[1]: {"loss_recovered_zero": 0.6}}
+    _crosscoder(sweep, "cc-mlp", MLP_OUT, 2.0, [0.05, 0.15], None)
+    p = sweep / "cc-mlp" / "metrics.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), "arch": "crosscoder_topk",
+                             "eval": {**ev, "kind": "crosscoder", "per_hook": per_hook}}))
+    panels = _labelled_points(monkeypatch)
+    files = write_report(sweep)
+    rows = {r[0]: r for r in _rows(files.table)}
+    head = rows["member"]
+    assert [rows[n][1] for n in ("topk-k4", "transcoder-k4", "clt-k4", "cc-mlp")] == [
+        "topk", "transcoder", "clt", "crosscoder_topk"]
+    fvu_col, rec_col = head.index("FVU per hook"), head.index("loss rec. (zero) per hook")
+    assert rows["clt-k4"][fvu_col] == f"{MLP_OUT[0]} 0.2, {MLP_OUT[1]} 0.4"
+    assert rows["transcoder-k4"][fvu_col] == "-" and rows["topk-k4"][fvu_col] == "-"
+    assert rows["cc-mlp"][rec_col] == f"{MLP_OUT[0]} 0.9, {MLP_OUT[1]} 0.6"
+    assert rows["clt-k4"][rec_col] == "-"
+    assert rows["transcoder-k4"][head.index("loss rec. (zero)")] == "0.8"
+    # frontiers per group: transcoder-k8 (L0 8, FVU .02) loses to transcoder-k4 on both axes;
+    # the SAEs keep theirs (topk-k4, topk-k8), untouched by the better transcoder
+    assert rows["transcoder-k4"][-1] == "FVU, loss" and rows["transcoder-k8"][-1] == ""
+    assert rows["topk-k4"][-1] == "FVU" and rows["topk-k8"][-1] == "FVU"
+    assert rows["clt-k4"][-1] == "FVU, loss" and rows["cc-mlp"][-1] == "FVU, loss"
+    # rows in sweep order, then the other folders by name: the SAEs' hook, the crosscoder's
+    # hooks, the CLT's and the transcoders' in -> out hooks
+    titles = [ax["title"].split("\n")[-1] for ax in panels[0][::2]]  # two panels per row
+    assert titles == ["blocks.0.hook_resid_post", "blocks.{0,1}.hook_mlp_out",
+                      "blocks.{0,1}.ln2.hook_normalized -> blocks.{0,1}.hook_mlp_out",
+                      f"{MLP_IN[0]} -> {MLP_OUT[0]}"]
+    fvu_panels = [sorted(ax["labels"]) for ax in panels[0][::2]]
+    assert fvu_panels == [["relu-l1-1e-3", "topk-k4", "topk-k8"], ["cc-mlp"], ["clt-k4"],
+                          ["transcoder-k4", "transcoder-k8"]]
+    assert sorted(panels[0][7]["labels"]) == ["transcoder-k4", "transcoder-k8"]  # loss recovered
+    text = files.report.read_text()
+    assert "a transcoder replaces its output hook by its prediction from its input hook" in text
+    assert "a CLT replaces every output hook in one pass" in text
+    assert "each hook alone (`loss rec. (zero) per hook`)" in text
 
 
 def test_pareto_labels_of_close_points_do_not_overlap(tmp_path: Path, monkeypatch):

@@ -51,19 +51,27 @@ def eval_command(
         help="mean-ablation vector: 'store' (the store's mean activation) or 'eval' "
              "(the mean over the evaluated tokens)")] = "store",
 ) -> None:
-    """Splice each SAE into the model on held-out tokens: CE loss recovered, KL, L0, FVU.
+    """Splice each dictionary into the model on held-out tokens: CE loss recovered, KL, L0, FVU.
 
+    An SAE replaces its hook, a transcoder its output hook (predicted from its input hook in the
+    same pass), a CLT every output hook at once, a crosscoder each hook alone and all together.
     Results go into each run's metrics.json under "eval" and are printed as a table.
-    Crosscoder members are skipped with a note (see train_sae.evaluation.eval_sweep).
+    Crosscoders over several models (model diffing) are skipped with a note (see
+    train_sae.evaluation.eval_sweep).
     """
     import torch
 
     from shared import distributed
     from shared.storage import parse_storage_options
-    from train_sae.evaluation.eval_sweep import EvalOptions, evaluate_path, format_table
+    from train_sae.evaluation.eval_sweep import (
+        EvalOptions,
+        evaluate_path,
+        evaluated_kinds,
+        format_table,
+    )
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # under torchrun the SAEs are spread over the ranks (each on its own GPU for `cuda`)
+    # under torchrun the members are spread over the ranks (each on its own GPU for `cuda`)
     with distributed.init("cuda" if device.startswith("cuda") else "cpu") as world:
         opts = EvalOptions(model=model, store=store, dataset=dataset, text_column=text_column,
                            token_column=token_column, split=split, context_size=context_size,
@@ -75,7 +83,7 @@ def eval_command(
         results = evaluate_path(path, opts, world)
         if world.is_main:
             first = next(iter(results.values()))
-            typer.echo(f"evaluated {len(results)} SAE(s) on {first['n_tokens']} next-token "
+            typer.echo(f"evaluated {evaluated_kinds(results)} on {first['n_tokens']} next-token "
                        f"predictions: {first['tokens_source']}")
             typer.echo(format_table(results))
 

@@ -7,21 +7,26 @@ the packing differs (another context size or BOS setting on the same source) the
 past every cached token; another split or dataset starts at its first sequence. The result of each
 member goes into its metrics.json under "eval".
 
-Crosscoder members are skipped (with a one-line note on stderr): splicing one means replacing every
-hook it reads at once, each with its own block of the reconstruction, and for model diffing in two
-models at the same time; that is left out. Their per-hook FVU, L0 and dead fraction come from
-training (metrics.json "final", shown by `train-sae report`).
+Every kind of dictionary is spliced (train_sae/evaluation/evaluate.py has the details): an SAE
+replaces its hook by its reconstruction; a transcoder replaces its output hook (an MLP's output)
+by its prediction from its input hook (that MLP's input), read in the same pass; a CLT replaces
+every output hook in one closed-loop pass (the replacement model: layer t's prediction from the
+inputs of layers 0..t read in that pass); a crosscoder replaces each of its hooks alone and all of
+them together by its reconstruction from their clean activations. Loss recovered is against
+ablating the hooks each splice replaces. A crosscoder whose hooks come from several models (a
+model-diffing store's `base/...`, `chat/...`) cannot be spliced into one model: it is skipped with
+a one-line note on stderr (its per-hook FVU, L0 and relative decoder norms from training are in
+metrics.json and `train-sae report`).
 
 Under torchrun (`torchrun --nproc-per-node N --no-python train-sae eval SWEEP`) the members are
 spread over the ranks like a sweep's, balanced by the cost of their spliced passes (`spread`);
-every rank runs the shared clean and ablation passes for its members' hooks, writes its members'
-metrics.json, and rank 0 prints the table of all of them. A member's result does not depend on the
-others evaluated with it, so the files are those of one process.
+every rank runs the shared clean and ablation passes for the hooks its members replace, writes
+its members' metrics.json, and rank 0 prints the table of all of them. A member's result does
+not depend on the others evaluated with it, so the files are those of one process.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -38,10 +43,24 @@ from shared.models import LoadedModel, check_context_size, check_hooks, hook_dim
 from shared.storage import location
 from shared.store import Manifest, Store, open_store, store_fingerprint
 from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
-from train_sae.evaluation.evaluate import SpliceTarget, hook_means, splice_eval, start_layer
+from train_sae.evaluation.evaluate import (
+    SpliceTarget,
+    check_splice_order,
+    hook_means,
+    splice_cost,
+    splice_eval,
+)
 from train_sae.evaluation.report import member_folders
-from train_sae.training.outputs import METRICS_JSON, SWEEP_JSON, read_json, read_sweep, write_json
-from train_sae.training.saving import CFG_FILENAME, load_sae
+from train_sae.training.loading import load_dictionary
+from train_sae.training.outputs import (
+    METRICS_JSON,
+    SWEEP_JSON,
+    model_and_hook,
+    read_json,
+    read_sweep,
+    write_json,
+)
+from train_sae.training.saving import OUR_SECTION
 
 MEAN_SOURCES = ("store", "eval")
 
@@ -84,6 +103,8 @@ class EvalMember:
     folder: Path
     target: SpliceTarget
     model_name: str
+    store_hooks: bool = False  # its target's hooks are still the store's names (to_model_hooks)
+    store_names: dict[str, str] = field(default_factory=dict)  # model hook -> store hook
 
 
 # --- finding what to evaluate -----------------------------------------------------------------
@@ -99,40 +120,81 @@ def sweep_document(path: Path) -> dict[str, Any]:
     return {}
 
 
-def is_crosscoder(folder: Path) -> bool:
-    """A run folder holding a crosscoder (train_sae/training/crosscoder_saving.py), not an SAE."""
-    try:
-        return json.loads((folder / CFG_FILENAME).read_text()).get("format") == "crosscoder"
-    except (OSError, json.JSONDecodeError):
-        return False  # load_sae names what is wrong with the folder
+def model_hook(manifest: Manifest | None, hook: str) -> str:
+    """The model's name of a store hook: a multi-model store's `tag/hook` -> `hook` (without the
+    store at hand, any `tag/` prefix is dropped: model hook names have no '/')."""
+    if manifest is not None:
+        return model_and_hook(manifest, hook)[1]
+    return hook.partition("/")[2] if "/" in hook else hook
+
+
+def member_target(folder: Path) -> tuple[EvalMember | None, str]:
+    """A finished member's splice target, or None and which models its hooks come from when they
+    come from several (a model-diffing crosscoder cannot be spliced into one model). SAEs and
+    transcoders name the model's hooks; crosscoders and CLTs the store's (`to_model_hooks`)."""
+    model, cfg = load_dictionary(folder)
+    kind = model.io_kind
+    if kind in ("sae", "transcoder"):  # SAELens-style cfg.json
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        if not (meta.get("hook_name") or cfg.get("hook_name")):
+            fail(f"{folder}/cfg.json names no hook (metadata.hook_name); save the SAE again")
+        if kind == "transcoder" and not (meta.get("hook_name_out") or cfg.get("hook_name_out")):
+            fail(f"{folder}/cfg.json names no output hook (metadata.hook_name_out); save the "
+                 "transcoder again")
+        target = SpliceTarget(folder.name, None, model, model.in_hooks, model.out_hooks)
+        name = str(meta.get("model_name") or cfg.get("model_name") or "")
+        ours = cfg.get(OUR_SECTION) if isinstance(cfg.get(OUR_SECTION), dict) else {}
+        store_names = {h: str(ours[key]) for h, key in ((target.in_hooks[0], "store_hook"),
+                                                        (target.out_hooks[0], "store_out_hook"))
+                       if ours.get(key)}
+        return EvalMember(folder.name, folder, target, name, store_names=store_names), ""
+    models = [str(m) for m in (cfg.get("models") or [])]
+    hooks = model.in_hooks + model.out_hooks
+    tags = {h.partition("/")[0] if "/" in h else "" for h in hooks}  # a multi-model store's
+    if len(set(models)) > 1 or len(tags) > 1:
+        named = ", ".join(f"{h} of {m}" for h, m in zip(model.in_hooks, models, strict=False))
+        return None, f"{folder.name} ({kind}: {named or ', '.join(hooks)})"
+    target = SpliceTarget(folder.name, None, model, model.in_hooks, model.out_hooks)
+    return EvalMember(folder.name, folder, target, models[0] if models else "",
+                      store_hooks=True), ""
 
 
 def load_members(path: Path) -> tuple[list[EvalMember], list[str], list[str]]:
-    """Finished SAE members as splice targets, plus the names of the members skipped: failed
-    ones, and crosscoders (see the module docstring)."""
-    members, skipped, crosscoders = [], [], []
+    """Finished members as splice targets, plus the names of the members skipped: failed ones,
+    and (with why) those whose hooks come from several models (see the module docstring)."""
+    members, skipped, unspliceable = [], [], []
     for folder in member_folders(path):
         status = read_json(folder / METRICS_JSON, "member metrics").get("status")
         if status != "done":
             skipped.append(folder.name)
             continue
-        if is_crosscoder(folder):
-            crosscoders.append(folder.name)
-            continue
-        sae, cfg = load_sae(folder)
-        meta = cfg.get("metadata", {})
-        hook = meta.get("hook_name") or cfg.get("hook_name")
-        if not hook:
-            fail(f"{folder}/cfg.json names no hook (metadata.hook_name); save the SAE again")
-        members.append(EvalMember(folder.name, folder, SpliceTarget(folder.name, hook, sae),
-                                  str(meta.get("model_name") or cfg.get("model_name") or "")))
-    if not members and crosscoders:
-        fail(f"nothing to evaluate under {path}: its finished members are crosscoders "
-             f"({', '.join(crosscoders)}), which eval cannot splice into the model; their "
-             f"per-hook FVU and L0 from training are in `train-sae report {path}`")
+        member, why = member_target(folder)
+        if member is None:
+            unspliceable.append(why)
+        else:
+            members.append(member)
+    if not members and unspliceable:
+        fail(f"nothing to evaluate under {path}: the hooks of its finished members come from "
+             f"several models, which cannot be spliced into one model: {'; '.join(unspliceable)}; "
+             f"their per-hook FVU and L0 from training are in `train-sae report {path}`")
     if not members:
-        fail(f"no finished SAE to evaluate under {path} (failed: {', '.join(skipped) or 'none'})")
-    return members, skipped, crosscoders
+        fail(f"no finished member to evaluate under {path} (failed: "
+             f"{', '.join(skipped) or 'none'})")
+    return members, skipped, unspliceable
+
+
+def to_model_hooks(members: list[EvalMember], manifest: Manifest | None) -> None:
+    """Rename the hooks of members saved with the store's hook names (crosscoders, CLTs) to the
+    model's."""
+    for m in members:
+        if m.store_hooks:
+            t = m.target
+            for h in t.in_hooks + t.out_hooks:
+                m.store_names[model_hook(manifest, h)] = h
+            t.in_hooks = [model_hook(manifest, h) for h in t.in_hooks]
+            t.out_hooks = [model_hook(manifest, h) for h in t.out_hooks]
+            t.hook = t.in_hooks[0]
+            m.store_hooks = False
 
 
 def model_spec_from_manifest(manifest: Manifest) -> str | None:
@@ -295,12 +357,18 @@ def token_batches(spec: TokenSpec, tokenizer: Any, d_vocab: int, opts: EvalOptio
 
 
 def ablation_means(model: Any, hooks: list[str], store: Store | None, opts: EvalOptions,
-                   batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                   batches: list[tuple[torch.Tensor, torch.Tensor]],
+                   store_names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The mean-ablation vector of each model hook: over the eval tokens, or the store's mean
+    of the store hook it was cached as (`store_names`: model hook -> store hook, where they
+    differ)."""
     if opts.mean_source == "eval":
         return hook_means(model, hooks, batches)
-    if store is None or any(h not in store.manifest.stats for h in hooks):
+    names = {h: (store_names or {}).get(h, h) for h in hooks}
+    if store is None or any(n not in store.manifest.stats for n in names.values()):
         fail("the store's mean activations are not available; pass --ablation-mean eval")
-    return {h: torch.tensor(store.manifest.stats[h].mean, dtype=torch.float32) for h in hooks}
+    return {h: torch.tensor(store.manifest.stats[n].mean, dtype=torch.float32)
+            for h, n in names.items()}
 
 
 def check_members(members: list[EvalMember], loaded: LoadedModel, doc: dict[str, Any]) -> str:
@@ -323,13 +391,18 @@ def check_members(members: list[EvalMember], loaded: LoadedModel, doc: dict[str,
                 fail(f"{m.name} was trained on activations of model {m.model_name!r}, but the "
                      f"model to evaluate with is {loaded.spec!r}; pass the matching --model")
         how = "the model the store was cached from (same name)"
-    hooks = sorted({m.target.hook for m in members})
+    hooks = sorted({h for m in members for h in m.target.in_hooks + m.target.out_hooks})
     check_hooks(loaded.model, hooks)
     dims = hook_dims(loaded.model, hooks)
     for m in members:
-        if dims[m.target.hook] != m.target.sae.d_in:
-            fail(f"{m.name} takes d_in {m.target.sae.d_in}, but {m.target.hook} of this model has "
-                 f"{dims[m.target.hook]}; pass the matching --model")
+        t, io = m.target, m.target.sae.io  # type: ignore[union-attr]
+        for role, names, widths in (("input", t.in_hooks, io.in_splits),
+                                    ("output", t.out_hooks, io.out_splits)):
+            for h, d in zip(names, widths, strict=True):
+                if dims[h] != d:
+                    fail(f"{m.name} takes {role} width {d} at {h}, but {h} of this model has "
+                         f"{dims[h]}; pass the matching --model")
+    check_splice_order(loaded.model, [m.target for m in members])
     return how
 
 
@@ -355,14 +428,15 @@ def find_store(doc: dict[str, Any], given: str | None, options: dict[str, Any]
 
 def spread(members: list[EvalMember], n_layers: int, world: World) -> list[EvalMember]:
     """This rank's share of the members: all of them in one process; under torchrun, balanced by
-    the cost of each one's spliced pass, the blocks from its hook's layer to the unembedding
-    (greedy longest-processing-time, as a sweep's members)."""
+    the cost of each one's spliced passes, the blocks from each pass's first hook to the
+    unembedding (a crosscoder of H hooks runs H + 1 passes; greedy longest-processing-time, as a
+    sweep's members)."""
     if not world.distributed:
         return members
     if len(members) < world.world_size:
-        fail(f"{world.world_size} ranks would share {len(members)} SAE(s) to evaluate, leaving "
+        fail(f"{world.world_size} ranks would share {len(members)} member(s) to evaluate, leaving "
              f"some with nothing to do; start at most {len(members)} (torchrun --nproc-per-node)")
-    costs = [n_layers + 1 - (start_layer(m.target.hook, n_layers) or 0) for m in members]
+    costs = [splice_cost(m.target, n_layers) for m in members]
     owner = balance(costs, world.world_size)
     return [m for m, r in zip(members, owner, strict=True) if r == world.rank]
 
@@ -372,14 +446,16 @@ def evaluate_path(path: str | Path, opts: EvalOptions, world: World = LOCAL
     """Evaluate every finished member under `path` (this rank's share of them under torchrun);
     write each one's metrics.json "eval". Returns every member's result, on every rank."""
     path = Path(path)
-    members, _, crosscoders = load_members(path)
-    if crosscoders and world.is_main:
-        print(f"note: skipping {len(crosscoders)} crosscoder member(s) ({', '.join(crosscoders)}): "
-              "eval splices single-hook SAEs only; their per-hook FVU and L0 from training are "
-              "in metrics.json and `train-sae report`", file=sys.stderr)
+    members, _, unspliceable = load_members(path)
+    if unspliceable and world.is_main:
+        print(f"note: skipping {len(unspliceable)} member(s) whose hooks come from several "
+              f"models, which cannot be spliced into one model: {'; '.join(unspliceable)}; their "
+              "per-hook FVU and L0 from training are in metrics.json and `train-sae report`",
+              file=sys.stderr)
     doc = sweep_document(path)
     store = find_store(doc, opts.store, opts.storage_options)
     manifest = store.manifest if store is not None else None
+    to_model_hooks(members, manifest)
     spec = resolve_tokens(opts, manifest)
     loaded = resolve_model(opts, manifest)
     model_check = check_members(members, loaded, doc)
@@ -388,8 +464,9 @@ def evaluate_path(path: str | Path, opts: EvalOptions, world: World = LOCAL
     start, source = held_out_start(spec, fingerprint, training_data(doc, store))
     batches = token_batches(spec, loaded.tokenizer, loaded.model.cfg.d_vocab, opts, start)
     everyone, members = members, spread(members, loaded.model.cfg.n_layers, world)
-    hooks = sorted({m.target.hook for m in members})
-    means = ablation_means(loaded.model, hooks, store, opts, batches)
+    hooks = sorted({h for m in members for h in m.target.out_hooks})
+    store_names = {h: n for m in members for h, n in m.store_names.items()}
+    means = ablation_means(loaded.model, hooks, store, opts, batches, store_names)
     for m in members:
         m.target.sae.to(next(loaded.model.parameters()).device).float().eval()
     n_scored = sum(int(keep[:, 1:].sum()) for _, keep in batches)
@@ -413,12 +490,17 @@ def evaluate_path(path: str | Path, opts: EvalOptions, world: World = LOCAL
 
 
 def write_eval(folder: Path, result: dict[str, Any]) -> None:
-    """Add `result` under "eval" in folder/metrics.json (atomically)."""
+    """Add `result` under "eval" in folder/metrics.json (atomically; NaN as null)."""
     path = folder / METRICS_JSON
     doc = read_json(path, "member metrics")
-    doc["eval"] = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                   for k, v in result.items()}
+    doc["eval"] = _json_safe(result)
     write_json(path, doc)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 EVAL_COLUMNS = (("l0", "L0"), ("fvu", "FVU"), ("ce_sae", "CE spliced"), ("ce_clean", "CE clean"),
@@ -428,14 +510,31 @@ EVAL_COLUMNS = (("l0", "L0"), ("fvu", "FVU"), ("ce_sae", "CE spliced"), ("ce_cle
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Plain-text table of the eval results, one row per member."""
-    names = list(results)
-    width = max(len("member"), *(len(n) for n in names))
+    """Plain-text table of the eval results, one row per member (its splice of every hook it
+    predicts), then, under a crosscoder of several hooks, one row per hook spliced alone."""
+    lines: list[tuple[str, dict[str, Any]]] = []
+    for n, r in results.items():
+        lines.append((n, r))
+        lines += [(f"  {n} @ {h}", {"l0": r.get("l0"), **one})
+                  for h, one in (r.get("per_hook") or {}).items()]
+    width = max(len("member"), *(len(n) for n, _ in lines))
     head = "member".ljust(width) + "".join(f"{label:>12}" for _, label in EVAL_COLUMNS)
     rows = [head]
-    for n in names:
-        r = results[n]
+    for n, r in lines:
         rows.append(n.ljust(width) + "".join(
             f"{r[k]:>12.4g}" if isinstance(r.get(k), float) else f"{'-':>12}"
             for k, _ in EVAL_COLUMNS))
     return "\n".join(rows)
+
+
+def evaluated_kinds(results: dict[str, dict[str, Any]]) -> str:
+    """"3 SAE(s)", or "2 SAE(s), 1 transcoder(s) and 1 crosscoder(s)": what was evaluated."""
+    counts: dict[str, int] = {}
+    for r in results.values():
+        kind = KIND_NAMES.get(str(r.get("kind", "sae")), str(r.get("kind")))
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{n} {kind}(s)" for kind, n in counts.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+KIND_NAMES = {"sae": "SAE", "transcoder": "transcoder", "clt": "CLT", "crosscoder": "crosscoder"}

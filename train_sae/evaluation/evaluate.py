@@ -1,18 +1,38 @@
-"""Splice evaluation: how much of the language model's loss an SAE keeps when it replaces a hook.
+"""Splice evaluation: how much of the language model's loss a dictionary keeps when its predictions
+replace the activations they predict.
 
-For every batch of held-out tokens the model runs once clean, once per hook with the hook zeroed,
-once per hook with the hook replaced by a mean vector, and once per SAE with the hook replaced by
-the SAE's reconstruction. The clean and ablation passes are shared by every SAE at that hook, and
-the blocks before a hook's layer run once per batch (the spliced passes start at that layer).
+For every batch of held-out tokens the model runs once clean, twice per set of replaced hooks with
+those hooks zeroed / replaced by their mean vectors (the ablation baselines), and once per spliced
+pass of each dictionary. The clean and ablation passes are shared by every dictionary replacing the
+same hooks, and the blocks before a pass's first hook run once per batch (the other passes start
+at that layer, from the clean pass's residual).
+
+What each kind of dictionary replaces (`io_kind`, train_sae/dictionaries/base.py):
+- sae: its hook, by its reconstruction of that hook's activation (one spliced pass).
+- transcoder (and skip_transcoder): its output hook (e.g. `blocks.L.hook_mlp_out`), by its
+  prediction from its input hook (e.g. `blocks.L.ln2.hook_normalized`), read in the same spliced
+  pass (the model computes it first, and nothing before it is changed, so it is the clean input).
+- clt: every output hook at once in one spliced pass (the "replacement model"): at output hook t
+  its prediction from the inputs read so far in that pass, those of layers > t set to zero (exact:
+  layer t's outputs depend on inputs 0..t only). The splice is closed-loop: the input of layer
+  t + 1 is read after layer t's output was replaced.
+- crosscoder: open-loop: its reconstruction of all its hooks is computed from their CLEAN
+  activations, then spliced in, each hook's block alone (one pass per hook, `per_hook`) and all
+  blocks together (one pass, the main result).
+The ablation baselines ablate the hooks the pass replaces: all of a CLT's output hooks together,
+a crosscoder's hooks together (main result) or one at a time (`per_hook`).
 
 Definitions (positions t whose next token t+1 is a kept token; `keep` from the token source):
-- ce_*: mean next-token cross-entropy (nats) of the clean / spliced / ablated model.
+- ce_*: mean next-token cross-entropy (nats) of the clean / spliced (`ce_sae`, whatever the
+  dictionary's kind) / ablated model.
 - loss_recovered_zero / _mean: (ce_ablated - ce_sae) / (ce_ablated - ce_clean), the "CE loss
   score" of seed 004 (zero ablation) and Conmy's "loss recovered" (seed 003), with a zero or mean
   ablation baseline.
-- kl: mean over positions of KL(p_clean || p_sae) between next-token distributions.
-- l0, fvu: latents per token and fraction of variance unexplained of the SAE on the hook's
-  activations at the kept positions (FVU around the mean over all evaluated tokens).
+- kl: mean over positions of KL(p_clean || p_spliced) between next-token distributions.
+- l0, fvu: latents per token and fraction of variance unexplained of the dictionary's prediction
+  against the clean activations of the hooks it predicts (its outputs concatenated), at the kept
+  positions (FVU around the mean over all evaluated tokens), its inputs being the clean ones as
+  in training; `fvu/<hook>` per output hook of a dictionary predicting several.
 Only kept positions are replaced (BOS/pad stay clean when the store dropped them).
 """
 
@@ -27,10 +47,15 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from shared.models import capture
-from train_sae.dictionaries.base import SAE
+from shared.errors import fail
+from shared.models import capture, hook_names
+from train_sae.dictionaries.base import Dictionary
+from train_sae.dictionaries.clt import CrossLayerTranscoder
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+# how a dictionary of each kind is spliced: closed-loop kinds read their inputs in the spliced pass
+OPEN_LOOP_KINDS = ("crosscoder",)
 
 
 # --- metric formulas on tensors ----------------------------------------------------------------
@@ -112,25 +137,55 @@ class LossSums:
         return self.kl / self.n if self.n else math.nan
 
 
-# --- splicing ----------------------------------------------------------------------------------
+# --- what to splice ----------------------------------------------------------------------------
 @dataclass
 class SpliceTarget:
-    """One SAE to evaluate: it takes and returns raw (unscaled) activations at `hook`."""
+    """One dictionary to evaluate; it takes and returns raw (unscaled) activations.
+
+    `in_hooks` / `out_hooks`: the MODEL's hooks its inputs / outputs are, in its order (its own
+    hook names may be a store's); both default to [hook] (an SAE). `hook`: an SAE's hook; given
+    `in_hooks`, it may be None (then their first)."""
 
     name: str
-    hook: str
-    sae: SAE
+    hook: str | None
+    sae: Dictionary | None
+    in_hooks: list[str] = field(default_factory=list)
+    out_hooks: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.in_hooks = list(self.in_hooks) or [self.hook]  # type: ignore[list-item]
+        self.out_hooks = list(self.out_hooks) or list(self.in_hooks)
+        if self.hook is None:
+            self.hook = self.in_hooks[0]
 
-@dataclass
-class _Prefix:
-    """What one batch's clean pass leaves for the spliced passes to start from."""
+    @property
+    def kind(self) -> str:
+        """Its dictionary's io_kind: "sae", "transcoder", "clt" or "crosscoder"."""
+        return getattr(self.sae, "io_kind", "sae")
 
-    tokens: Tensor  # [batch, ctx]
-    keep: Tensor  # [batch, ctx] bool
-    resid: dict[int, Tensor]  # start layer -> residual [batch, ctx, d_model] entering that layer
-    shortformer: Tensor | None
-    attention_mask: Tensor | None
+    @property
+    def open_loop(self) -> bool:
+        return self.kind in OPEN_LOOP_KINDS
+
+    def replacements(self) -> list[tuple[str, ...]]:
+        """The hooks each of its spliced passes replaces: all its output hooks at once (the main
+        result), then, for a crosscoder of several hooks, each hook alone."""
+        together = tuple(self.out_hooks)
+        if self.open_loop and len(together) > 1:
+            return [together] + [(h,) for h in together]
+        return [together]
+
+    def pass_hooks(self, replaced: tuple[str, ...]) -> list[str]:
+        """The hooks a spliced pass replacing `replaced` must run through (a closed-loop one
+        reads the inputs too), so it starts at the earliest of their blocks."""
+        return list(replaced) if self.open_loop else list(dict.fromkeys(self.in_hooks + self.out_hooks))
+
+    def captured(self) -> list[str]:
+        """Hooks whose clean activations it needs: an open-loop splice's inputs, and every hook of
+        a dictionary whose FVU is measured from the clean pass (several outputs: a CLT)."""
+        if self.open_loop or (self.kind == "clt"):
+            return list(dict.fromkeys(self.in_hooks + self.out_hooks))
+        return []
 
 
 def start_layer(hook: str, n_layers: int) -> int | None:
@@ -143,42 +198,194 @@ def start_layer(hook: str, n_layers: int) -> int | None:
     return None
 
 
-def _clean_pass(model: HookedTransformer, tokens: Tensor, keep: Tensor,
-                layers: list[int]) -> tuple[_Prefix, Tensor]:
-    """Run the model once, keeping the residual entering each layer in `layers`; clean logits."""
-    resid, _, shortformer, mask = model.input_to_embed(tokens)
-    saved: dict[int, Tensor] = {}
-    at = 0
-    for layer in sorted(set(layers)):
-        if layer > at:
-            resid = model(resid, start_at_layer=at, stop_at_layer=layer,
-                          shortformer_pos_embed=shortformer, attention_mask=mask)
-            at = layer
-        saved[layer] = resid
-    logits = model(resid, start_at_layer=at, shortformer_pos_embed=shortformer,
-                   attention_mask=mask, return_type="logits")
-    return _Prefix(tokens, keep, saved, shortformer, mask), logits
+def pass_start(hooks: Iterable[str], n_layers: int) -> int | None:
+    """The block a pass may start at and still run every hook of `hooks` (None: the whole
+    model)."""
+    layers = [start_layer(h, n_layers) for h in hooks]
+    return None if not layers or any(la is None for la in layers) else min(layers)  # type: ignore
 
 
-def _spliced_logits(model: HookedTransformer, p: _Prefix, hook: str,
-                    replace: Callable[[Tensor], Tensor]) -> Tensor:
-    """Logits with `hook`'s activations at kept positions replaced by `replace(x [n, d_in])`."""
+def splice_cost(target: SpliceTarget, n_layers: int) -> int:
+    """Blocks (plus the unembedding) its spliced passes run: each from its first block."""
+    return sum(n_layers + 1 - (pass_start(target.pass_hooks(r), n_layers) or 0)
+               for r in target.replacements())
 
-    def fn(act: Tensor, hook: object) -> Tensor:  # act [batch, ctx, *dims]
-        flat = act.reshape(act.shape[0], act.shape[1], -1).clone()
-        flat[p.keep] = replace(flat[p.keep]).to(flat.dtype)
-        return flat.reshape(act.shape)
 
-    layer = start_layer(hook, model.cfg.n_layers)
-    with model.hooks(fwd_hooks=[(hook, fn)]):
+def check_splice_order(model: HookedTransformer, targets: list[SpliceTarget]) -> None:
+    """A closed-loop splice reads each input before the output predicted from it is replaced:
+    refuse a dictionary whose input hook the model computes after that output hook."""
+    order = {h: i for i, h in enumerate(hook_names(model))}
+    for t in targets:
+        if t.open_loop:
+            continue
+        for j, out in enumerate(t.out_hooks):
+            needed = t.in_hooks[:j + 1] if t.kind == "clt" else t.in_hooks
+            late = [h for h in needed if h in order and out in order and order[h] > order[out]]
+            if late:
+                fail(f"{t.name} predicts {out} from {late[0]}, which the model computes after "
+                     f"{out}, so its prediction cannot be spliced in while the model runs; "
+                     "evaluate a dictionary whose input hooks come before its output hooks "
+                     "(e.g. blocks.L.ln2.hook_normalized -> blocks.L.hook_mlp_out)")
+
+
+def _check_target(t: SpliceTarget) -> None:
+    io = t.sae.io  # type: ignore[union-attr]
+    if len(t.in_hooks) != len(io.inputs) or len(t.out_hooks) != len(io.outputs):
+        fail(f"{t.name}: {len(t.in_hooks)} input and {len(t.out_hooks)} output hook(s) given for "
+             f"a dictionary of {len(io.inputs)} and {len(io.outputs)}")
+
+
+# --- splicing ----------------------------------------------------------------------------------
+@dataclass
+class _Prefix:
+    """What one batch's clean pass leaves for the spliced passes to start from."""
+
+    tokens: Tensor  # [batch, ctx]
+    keep: Tensor  # [batch, ctx] bool
+    resid: dict[int, Tensor]  # start layer -> residual [batch, ctx, d_model] entering that layer
+    shortformer: Tensor | None
+    attention_mask: Tensor | None
+
+
+# a hook's replacement: its activations at the kept positions [n, d] (float32) -> what goes there
+# instead [n, d], or None to leave them (a hook that is only read)
+Replace = Callable[[Tensor], "Tensor | None"]
+
+
+def _capture_hooks(keep: Tensor, hooks: list[str], into: dict[str, Tensor]) -> list:
+    def save(act: Tensor, hook: object) -> None:
+        into[hook.name] = act.reshape(act.shape[0], act.shape[1], -1)[keep].float()  # type: ignore
+
+    return [(h, save) for h in hooks]
+
+
+def _clean_pass(model: HookedTransformer, tokens: Tensor, keep: Tensor, layers: list[int],
+                captured: list[str] | None = None) -> tuple[_Prefix, Tensor, dict[str, Tensor]]:
+    """Run the model once, keeping the residual entering each layer in `layers` and the
+    activations of `captured` at the kept positions ({hook: [n, d]} float32); clean logits."""
+    acts: dict[str, Tensor] = {}
+    with model.hooks(fwd_hooks=_capture_hooks(keep, list(captured or ()), acts)):
+        resid, _, shortformer, mask = model.input_to_embed(tokens)
+        saved: dict[int, Tensor] = {}
+        at = 0
+        for layer in sorted(set(layers)):
+            if layer > at:
+                resid = model(resid, start_at_layer=at, stop_at_layer=layer,
+                              shortformer_pos_embed=shortformer, attention_mask=mask)
+                at = layer
+            saved[layer] = resid
+        logits = model(resid, start_at_layer=at, shortformer_pos_embed=shortformer,
+                       attention_mask=mask, return_type="logits")
+    return _Prefix(tokens, keep, saved, shortformer, mask), logits, acts
+
+
+def _spliced_logits(model: HookedTransformer, p: _Prefix, replace: dict[str, Replace]) -> Tensor:
+    """Logits with each hook of `replace` given what its function returns at the kept positions.
+    The pass starts at the first block any of the hooks is in (from the clean residual)."""
+
+    def wrap(fn: Replace) -> Callable:
+        def hook_fn(act: Tensor, hook: object) -> Tensor | None:  # act [batch, ctx, *dims]
+            flat = act.reshape(act.shape[0], act.shape[1], -1)
+            new = fn(flat[p.keep].float())
+            if new is None:
+                return None
+            flat = flat.clone()
+            flat[p.keep] = new.to(flat.dtype)
+            return flat.reshape(act.shape)
+        return hook_fn
+
+    layer = pass_start(replace, model.cfg.n_layers)
+    with model.hooks(fwd_hooks=[(h, wrap(fn)) for h, fn in replace.items()]):
         if layer is None:
             return model(p.tokens, attention_mask=p.attention_mask, return_type="logits")
         return model(p.resid[layer], start_at_layer=layer, shortformer_pos_embed=p.shortformer,
                      attention_mask=p.attention_mask, return_type="logits")
 
 
+def predict(sae: Dictionary, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(latents [n, d_sae], prediction [n, d_out]) of the dictionary on inputs x [n, d_in]."""
+    acts = sae.encode(x)
+    return acts, sae.decode(acts, x)
+
+
+def _closed_loop(t: SpliceTarget, stats: ReconStats | None) -> dict[str, Replace]:
+    """Hook functions of a closed-loop splice: each input hook's activation is read as the pass
+    reaches it; at each output hook its prediction from the inputs read so far (a CLT's later
+    layers as zeros) replaces it. `stats` (one output hook only) gets the prediction against the
+    activation it replaces (an SAE's or transcoder's: the clean one)."""
+    sae = t.sae
+    assert sae is not None
+    seen: dict[str, Tensor] = {}
+    splits = sae.io.in_splits
+
+    def at(hook: str) -> Replace:
+        def fn(a: Tensor) -> Tensor | None:
+            if hook in t.in_hooks:
+                seen[hook] = a
+            if hook not in t.out_hooks:
+                return None
+            j = t.out_hooks.index(hook)
+            needed = t.in_hooks[:j + 1] if t.kind == "clt" else t.in_hooks
+            missing = [h for h in needed if h not in seen]
+            if missing:
+                fail(f"{t.name} predicts {hook} from {missing[0]}, which the model has not "
+                     f"computed yet when it reaches {hook}; evaluate a dictionary whose input "
+                     "hooks come before its output hooks")
+            x = torch.cat([seen[h] if h in seen else a.new_zeros(a.shape[0], d)
+                           for h, d in zip(t.in_hooks, splits, strict=True)], dim=-1)
+            latents, y = predict(sae, x)
+            y_j = torch.split(y, sae.io.out_splits, dim=-1)[j]
+            if stats is not None:
+                stats.update(a, y_j, latents)
+            return y_j
+        return fn
+
+    return {h: at(h) for h in dict.fromkeys(t.in_hooks + t.out_hooks)}
+
+
+def _score(model: HookedTransformer, p: _Prefix, logp_clean: Tensor | None, sums: LossSums,
+           replace: dict[str, Replace]) -> None:
+    """Add the CE (and, given the clean log-probabilities, the KL) of one spliced pass."""
+    logp = next_token_logprobs(_spliced_logits(model, p, replace))
+    sums.add(next_token_ce(logp, p.tokens), p.keep[:, 1:],
+             None if logp_clean is None else kl_divergence(logp_clean, logp))
+
+
+def _clt_closed_loop(t: SpliceTarget) -> dict[str, Replace]:
+    """`_closed_loop` of a `CrossLayerTranscoder`, by its layers: each layer's latents are
+    computed once, when its input is read (they depend on that input only), and output t is
+    sum_{l <= t} acts_l @ W_dec[l, :, t] + b_dec[t]: one CLT forward per pass instead of one per
+    output hook. The same numbers as the generic splice."""
+    clt = t.sae
+    assert isinstance(clt, CrossLayerTranscoder)
+    L, n = clt.n_layers, clt.n_per_layer
+    b_dec = clt.b_dec.view(L, -1)
+    latents: dict[int, Tensor] = {}
+
+    def at(hook: str) -> Replace:
+        def fn(a: Tensor) -> Tensor | None:
+            if hook in t.in_hooks:
+                layer = t.in_hooks.index(hook)
+                pre = a.new_zeros(a.shape[0], L, n)
+                pre[:, layer] = a @ clt.W_enc[layer] + clt.b_enc.view(L, n)[layer]
+                latents[layer] = clt.activation(pre.reshape(a.shape[0], -1)).view(
+                    a.shape[0], L, n)[:, layer]  # the sparsity acts on each layer apart
+            if hook not in t.out_hooks:
+                return None
+            out = t.out_hooks.index(hook)
+            missing = [t.in_hooks[la] for la in range(out + 1) if la not in latents]
+            if missing:
+                fail(f"{t.name} predicts {hook} from {missing[0]}, which the model has not "
+                     f"computed yet when it reaches {hook}; evaluate a dictionary whose input "
+                     "hooks come before its output hooks")
+            return b_dec[out] + sum(latents[la] @ clt.W_dec[la, :, out] for la in range(out + 1))
+        return fn
+
+    return {h: at(h) for h in dict.fromkeys(t.in_hooks + t.out_hooks)}
+
+
 @dataclass
-class _HookBaselines:
+class _Baselines:
     zero: LossSums = field(default_factory=LossSums)
     mean: LossSums = field(default_factory=LossSums)
 
@@ -186,54 +393,68 @@ class _HookBaselines:
 @torch.no_grad()
 def splice_eval(model: HookedTransformer, targets: list[SpliceTarget],
                 batches: Iterable[tuple[Tensor, Tensor]], means: dict[str, Tensor],
-                progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
+                progress: Callable[[int], None] | None = None) -> dict[str, dict]:
     """Evaluate every target on `batches` of (tokens [b, ctx], keep [b, ctx]).
 
-    `means[hook]` ([d_in]) is the mean-ablation vector of each hook. Returns, per target name,
-    the metrics described in the module docstring plus `n_tokens` (scored positions).
+    `means[hook]` ([d]) is the mean-ablation vector of each replaced hook. Returns, per target
+    name, the metrics described in the module docstring plus `n_tokens` (scored positions),
+    `kind` and `spliced_hooks`; a crosscoder of several hooks also `per_hook` (each hook spliced
+    alone: its own CE, KL, loss recovered against that hook's ablation, and FVU).
     """
     device = next(model.parameters()).device
-    hooks = sorted({t.hook for t in targets})
-    layers = [start_layer(h, model.cfg.n_layers) for h in hooks]
-    layers = [la for la in layers if la is not None]
+    n_layers = model.cfg.n_layers
+    for t in targets:
+        _check_target(t)
+    check_splice_order(model, targets)
+    ablated = list(dict.fromkeys(r for t in targets for r in t.replacements()))
+    captured = list(dict.fromkeys(h for t in targets for h in t.captured()))
+    starts = [pass_start(r, n_layers) for r in ablated]
+    starts += [pass_start(t.pass_hooks(r), n_layers) for t in targets for r in t.replacements()]
+    layers = [la for la in starts if la is not None]
     clean = LossSums()
-    base = {h: _HookBaselines() for h in hooks}
-    spliced = {t.name: LossSums() for t in targets}
+    base = {r: _Baselines() for r in ablated}
+    spliced = {(t.name, r): LossSums() for t in targets for r in t.replacements()}
     recon = {t.name: ReconStats() for t in targets}
+    per_hook = {(t.name, h): ReconStats() for t in targets if len(t.out_hooks) > 1
+                for h in t.out_hooks}
 
     for tokens, keep in batches:
         tokens, keep = tokens.to(device), keep.to(device)
-        prefix, logits = _clean_pass(model, tokens, keep, layers)
+        prefix, logits, acts = _clean_pass(model, tokens, keep, layers, captured)
         logp_clean = next_token_logprobs(logits)
         del logits
         scored = keep[:, 1:]
         clean.add(next_token_ce(logp_clean, tokens), scored)
-        for h in hooks:
-            mean = means[h].to(device)
-            for sums, repl in ((base[h].zero, torch.zeros_like),
-                               (base[h].mean, lambda x, m=mean: m.expand_as(x))):
-                logp = next_token_logprobs(_spliced_logits(model, prefix, h, repl))
-                sums.add(next_token_ce(logp, tokens), scored)
+        for r in ablated:
+            _score(model, prefix, None, base[r].zero, {h: torch.zeros_like for h in r})
+            _score(model, prefix, None, base[r].mean,
+                   {h: (lambda x, m=means[h].to(device): m.expand_as(x)) for h in r})
         for t in targets:
-            stats = recon[t.name]
-
-            def through_sae(x: Tensor, sae: SAE = t.sae, stats: ReconStats = stats) -> Tensor:
-                x = x.float()
-                acts = sae.encode(x)
-                x_hat = sae.decode(acts)
-                stats.update(x, x_hat, acts)
-                return x_hat
-
-            logp = next_token_logprobs(_spliced_logits(model, prefix, t.hook, through_sae))
-            spliced[t.name].add(next_token_ce(logp, tokens), scored,
-                                kl_divergence(logp_clean, logp))
+            blocks = None
+            if t.captured():  # prediction from the clean activations: FVU, L0, open-loop blocks
+                x = torch.cat([acts[h] for h in t.in_hooks], dim=-1)
+                latents, y = predict(t.sae, x)  # type: ignore[arg-type]
+                truth = [acts[h] for h in t.out_hooks]
+                recon[t.name].update(torch.cat(truth, dim=-1), y, latents)
+                blocks = dict(zip(t.out_hooks, torch.split(y, t.sae.io.out_splits, dim=-1),  # type: ignore[union-attr]
+                                  strict=True))
+                for h, y_h, x_h in zip(t.out_hooks, blocks.values(), truth, strict=True):
+                    if (t.name, h) in per_hook:
+                        per_hook[t.name, h].update(x_h, y_h, latents)
+            for r in t.replacements():
+                if t.open_loop:
+                    assert blocks is not None
+                    replace = {h: (lambda _, b=blocks[h]: b) for h in r}
+                elif isinstance(t.sae, CrossLayerTranscoder):
+                    replace = _clt_closed_loop(t)
+                else:
+                    replace = _closed_loop(t, None if t.captured() else recon[t.name])
+                _score(model, prefix, logp_clean, spliced[t.name, r], replace)
         if progress is not None:
             progress(int(scored.sum()))
 
-    results: dict[str, dict[str, float]] = {}
-    for t in targets:
-        s, b = spliced[t.name], base[t.hook]
-        results[t.name] = {
+    def losses(s: LossSums, b: _Baselines) -> dict[str, float]:
+        return {
             "ce_clean": clean.mean_ce,
             "ce_sae": s.mean_ce,
             "ce_zero_ablation": b.zero.mean_ce,
@@ -241,10 +462,21 @@ def splice_eval(model: HookedTransformer, targets: list[SpliceTarget],
             "loss_recovered_zero": loss_recovered(s.mean_ce, clean.mean_ce, b.zero.mean_ce),
             "loss_recovered_mean": loss_recovered(s.mean_ce, clean.mean_ce, b.mean.mean_ce),
             "kl": s.mean_kl,
-            "l0": recon[t.name].l0,
-            "fvu": recon[t.name].fvu,
-            "n_tokens": clean.n,
         }
+
+    results: dict[str, dict] = {}
+    for t in targets:
+        main, *alone = t.replacements()
+        res: dict = {**losses(spliced[t.name, main], base[main]),
+                     "l0": recon[t.name].l0, "fvu": recon[t.name].fvu, "n_tokens": clean.n,
+                     "kind": t.kind, "spliced_hooks": list(main)}
+        for h in t.out_hooks:
+            if (t.name, h) in per_hook:
+                res[f"fvu/{h}"] = per_hook[t.name, h].fvu
+        if alone:
+            res["per_hook"] = {r[0]: {**losses(spliced[t.name, r], base[r]),
+                                      "fvu": per_hook[t.name, r[0]].fvu} for r in alone}
+        results[t.name] = res
     return results
 
 

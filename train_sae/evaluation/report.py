@@ -1,11 +1,14 @@
 """The sweep report: `SWEEP/report.md` (a table of every member), `SWEEP/pareto.png` (L0 against
-FVU and, once `train-sae eval` ran, against loss recovered, Pareto frontiers marked; one row of
-panels and one frontier per hook in a multi-hook sweep) and
+FVU and, once `train-sae eval` ran, against loss recovered, Pareto frontiers marked) and
 `SWEEP/density.png` (one log10 feature-density histogram per member).
 
-Crosscoder members get a row with their FVU per hook, and two-hook crosscoders (model diffing) a
-section with their relative-decoder-norm histogram and counts. They are left out of the Pareto
-plot and frontiers: their FVU is over all hooks at once, not comparable with one hook's SAE.
+Members of every kind (SAEs, transcoders, CLTs, crosscoders) share the table; one predicting
+several hooks (a crosscoder, a CLT) gets its FVU per hook from training, and a crosscoder
+evaluated one hook at a time its loss recovered per hook. The Pareto plot has one row of panels,
+and one frontier, per set of activations predicted: SAEs by their hook, transcoders by their
+(input -> output) hooks, each crosscoder's or CLT's hook set its own, so that no panel compares
+reconstructions of different activations. Two-hook crosscoders (model diffing) get a section with
+their relative-decoder-norm histogram and counts.
 
 Reads only run folders (`metrics.json`, `sparsity.safetensors`, `relative_norms.png`) and
 `sweep.json`.
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +67,7 @@ class Member:
     final: dict[str, float]
     eval: dict[str, Any] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)  # the hooks it reads (several: a crosscoder)
+    out_hooks: list[str] = field(default_factory=list)  # the hooks it predicts, if not `hooks`
     relative_norms: dict[str, Any] | None = None  # two-hook crosscoders: the summary counts
 
     @property
@@ -69,14 +75,38 @@ class Member:
         return self.status == "done"
 
     @property
+    def kind(self) -> str:
+        """Its io_kind ("sae", "transcoder", "clt", "crosscoder"); "" for an unknown arch."""
+        return io_kind(self.arch) if self.arch in REGISTRY else ""
+
+    @property
     def is_crosscoder(self) -> bool:
-        return self.arch in REGISTRY and io_kind(self.arch) == "crosscoder"
+        return self.kind == "crosscoder"
+
+    @property
+    def predicted(self) -> list[str]:
+        """The hooks it predicts: its output hooks (a transcoder, a CLT), else those it reads."""
+        return self.out_hooks or self.hooks
+
+    @property
+    def group(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(hooks read, hooks predicted): members compared on one Pareto panel share it."""
+        return tuple(self.hooks), tuple(self.predicted)
 
     def hook_fvus(self) -> list[tuple[str, float]]:
-        """(short hook label, final FVU of that hook) of a crosscoder, in its hook order."""
-        labels = list(hook_labels(*self.hooks)) if len(self.hooks) == 2 else self.hooks
-        return [(lab, _get(self.final, f"fvu/{h}")) for lab, h in zip(labels, self.hooks,
-                                                                      strict=True)]
+        """(short hook label, final FVU of that hook) of each hook it predicts, in its order."""
+        hooks = self.predicted
+        labels = list(hook_labels(*hooks)) if len(hooks) == 2 else hooks
+        return [(lab, _get(self.final, f"fvu/{h}")) for lab, h in zip(labels, hooks, strict=True)]
+
+    def hook_recovered(self) -> list[tuple[str, float]]:
+        """(short hook label, loss recovered vs zero ablation) of each hook eval spliced alone
+        (a crosscoder's `per_hook`)."""
+        per_hook = self.eval.get("per_hook") or {}
+        hooks = list(per_hook)
+        labels = list(hook_labels(*hooks)) if len(hooks) == 2 else hooks
+        return [(lab, _get(per_hook[h], "loss_recovered_zero"))
+                for lab, h in zip(labels, hooks, strict=True)]
 
 
 @dataclass
@@ -131,6 +161,7 @@ def load_member(folder: Path) -> Member:
         status=m.get("status", "?"), failure=m.get("failure"), tokens=int(m.get("tokens", 0)),
         final=dict(m.get("final") or {}), eval=dict(m.get("eval") or {}),
         hooks=list(m.get("hooks") or ([m["hook"]] if m.get("hook") else [])),
+        out_hooks=list(m.get("out_hooks") or []),
         relative_norms=m.get("relative_norms"),
     )
 
@@ -190,33 +221,60 @@ def _get(d: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-def sae_groups(members: list[Member]) -> dict[str, list[Member]]:
-    """The finished SAEs by the hook they read, in sweep order: a frontier compares SAEs of one
-    hook only (an SAE at another layer reconstructs different activations)."""
-    groups: dict[str, list[Member]] = {}
+def group_label(group: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
+    """"hook" (an SAE), "a, b" (a crosscoder), "in -> out" (a transcoder, a CLT); one hook of
+    several layers is written once: "blocks.{0..3}.hook_mlp_out"."""
+    read, predicted = group
+    if read == predicted:
+        return _hooks_label(read)
+    return f"{_hooks_label(read)} -> {_hooks_label(predicted)}"
+
+
+def _hooks_label(hooks: Sequence[str]) -> str:
+    found = [_BLOCK.match(h) for h in hooks]
+    if len(hooks) < 2 or not all(found) or len({m.group(2) for m in found}) != 1:  # type: ignore
+        return ", ".join(hooks)
+    layers = [int(m.group(1)) for m in found]  # type: ignore[union-attr]
+    run = layers == list(range(layers[0], layers[0] + len(layers))) and len(layers) > 2
+    spelled = f"{layers[0]}..{layers[-1]}" if run else ",".join(map(str, layers))
+    return f"blocks.{{{spelled}}}.{found[0].group(2)}"  # type: ignore[union-attr]
+
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def frontier_groups(members: list[Member]) -> dict[tuple, list[Member]]:
+    """The finished members by the activations they read and predict (`Member.group`), in sweep
+    order: a frontier compares members predicting the same activations from the same ones only
+    (an SAE at another layer, a transcoder, a crosscoder over several hooks reconstruct
+    different activations)."""
+    groups: dict[tuple, list[Member]] = {}
     for m in members:
-        if m.ok and m.arch in REGISTRY and io_kind(m.arch) == "sae":
-            groups.setdefault(m.hooks[0] if m.hooks else "", []).append(m)
+        if m.ok and m.kind:
+            groups.setdefault(m.group, []).append(m)
     return groups
 
 
 def markdown_table(members: list[Member]) -> str:
     varying, _ = split_hyperparameters(members)
     evaluated = any(m.eval for m in members)
-    crosscoders = any(m.is_crosscoder for m in members)
+    several = any(m.ok and len(m.predicted) > 1 for m in members)
+    per_hook_eval = any(m.eval.get("per_hook") for m in members)
     on_fvu: set[str] = set()
     on_lr: set[str] = set()
-    for ok in sae_groups(members).values():  # the Pareto frontiers' points, one set per hook
+    for ok in frontier_groups(members).values():  # the Pareto frontiers' points, one set per group
         on_fvu |= {ok[i].name for i in pareto_front([_get(m.final, "l0") for m in ok],
                                                      [_get(m.final, "fvu") for m in ok], False)}
         on_lr |= {ok[i].name for i in pareto_front(
             [_get(m.eval, "l0") for m in ok], [_get(m.eval, "loss_recovered_zero") for m in ok],
             True)}
     head = ["member", "arch", "width", *varying, "status", "L0", "FVU", "dead", "dense"]
-    if crosscoders:
+    if several:
         head.append("FVU per hook")
     if evaluated:
         head += ["eval L0", "eval FVU", "loss rec. (zero)", "loss rec. (mean)", "KL", "CE spliced"]
+    if per_hook_eval:
+        head.append("loss rec. (zero) per hook")
     head.append("frontier")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in members:
@@ -229,13 +287,16 @@ def markdown_table(members: list[Member]) -> str:
             f = m.final
             cells += ["done", fmt(f.get("l0")), fmt(f.get("fvu")), fmt(f.get("dead_fraction")),
                       fmt(f.get("dense_fraction"))]
-            if crosscoders:
+            if several:
                 cells.append(", ".join(f"{lab} {fmt(v)}" for lab, v in m.hook_fvus())
-                             if m.is_crosscoder else "-")
+                             if len(m.predicted) > 1 else "-")
             if evaluated:
                 e = m.eval
                 cells += [fmt(e.get("l0")), fmt(e.get("fvu")), fmt(e.get("loss_recovered_zero")),
                           fmt(e.get("loss_recovered_mean")), fmt(e.get("kl")), fmt(e.get("ce_sae"))]
+            if per_hook_eval:
+                cells.append(", ".join(f"{lab} {fmt(v)}" for lab, v in m.hook_recovered())
+                             or "-")
             marks = (["FVU"] if m.name in on_fvu else []) + (["loss"] if m.name in on_lr else [])
             cells.append(", ".join(marks) or "")
         rows.append("| " + " | ".join(cells) + " |")
@@ -270,7 +331,7 @@ def _panel(ax: Any, members: list[Member], xs: list[float], ys: list[float], yla
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     if not usable:
-        ax.text(0.5, 0.5, "no finished SAE to plot", transform=ax.transAxes, ha="center")
+        ax.text(0.5, 0.5, "no finished member to plot", transform=ax.transAxes, ha="center")
     return [(members[i].name, xs[i], ys[i]) for i in usable]
 
 
@@ -323,25 +384,24 @@ def _annotate(ax: Any, name: str, x: float, y: float, spot: tuple[int, int, str,
 
 
 def plot_pareto(members: list[Member], path: Path) -> None:
-    """L0 vs FVU (and vs loss recovered once evaluated) of the finished SAEs, one row of panels
-    per hook; crosscoders are left out (see the module docstring)."""
-    groups = sae_groups(members) or {"": []}
-    left_out = " (crosscoders not shown)" if any(m.is_crosscoder for m in members) else ""
+    """L0 vs FVU (and vs loss recovered once evaluated) of the finished members, one row of
+    panels per set of activations read and predicted (`frontier_groups`)."""
+    groups = frontier_groups(members) or {((), ()): []}
     n = 2 if any(m.eval for ok in groups.values() for m in ok) else 1
     fig, axes = plt.subplots(len(groups), n, figsize=(6.5 * n, 5 * len(groups)), squeeze=False)
     to_label = []
-    for row, (hook, ok) in zip(axes, groups.items(), strict=True):
-        at = f"\n{hook}" if len(groups) > 1 else ""
+    for row, (group, ok) in zip(axes, groups.items(), strict=True):
+        at = "\n" + textwrap.fill(group_label(group), 72) if len(groups) > 1 else ""
         to_label.append((row[0], _panel(
             row[0], ok, [_get(m.final, "l0") for m in ok], [_get(m.final, "fvu") for m in ok],
-            "FVU (lower is better)", False, "end of training: L0 vs FVU" + left_out + at)))
+            "FVU (lower is better)", False, "end of training: L0 vs FVU" + at)))
         if n == 2:
             evaluated = [m for m in ok if m.eval]
             to_label.append((row[1], _panel(
                 row[1], evaluated, [_get(m.eval, "l0") for m in evaluated],
                 [_get(m.eval, "loss_recovered_zero") for m in evaluated],
                 "loss recovered vs zero ablation (higher is better)", True,
-                "held-out tokens, SAE spliced into the model" + at)))
+                "held-out tokens, spliced into the model" + at)))
     fig.tight_layout()
     for ax, points in to_label:
         _label(ax, points)
@@ -391,26 +451,49 @@ def _eval_lines(members: list[Member]) -> list[str]:
     done = [m.eval for m in members if m.eval]
     if not done:
         return ["Not evaluated yet: `train-sae eval SWEEP` adds CE loss recovered and KL "
-                "(the SAE spliced into the model on held-out tokens)."]
+                "(each member spliced into the model on held-out tokens)."]
     e = done[0]
     return [
         f"Evaluated on {e.get('n_tokens', '?')} held-out next-token predictions: "
         f"{e.get('tokens_source', 'see metrics.json')}.",
         f"Clean CE {fmt(e.get('ce_clean'))} nats; loss recovered = (CE ablated - CE spliced) / "
         "(CE ablated - CE clean), against zero ablation and against mean ablation "
-        f"({e.get('mean_source', 'store mean')}); KL = KL(clean || spliced) per token.",
+        f"({e.get('mean_source', 'store mean')}) of the hooks the member replaces; "
+        "KL = KL(clean || spliced) per token.",
+        *_splice_lines({m.kind for m in members if m.eval}),
     ]
 
 
-def _crosscoder_lines(sweep: Path, members: list[Member]) -> list[str]:
-    """What the table's crosscoder rows mean, and the model-diffing section of every finished
-    two-hook crosscoder: its only-a / shared / only-b latent counts and relative-norm histogram."""
-    if not any(m.is_crosscoder for m in members):
+SPLICES = {
+    "sae": "an SAE replaces its hook by its reconstruction",
+    "transcoder": "a transcoder replaces its output hook by its prediction from its input hook, "
+                  "read in the same pass",
+    "clt": "a CLT replaces every output hook in one pass (the replacement model), layer t's "
+           "prediction made from the inputs of layers 0..t read in that pass",
+    "crosscoder": "a crosscoder replaces all its hooks together (the row's numbers) and each "
+                  "hook alone (`loss rec. (zero) per hook`) by its reconstruction from their "
+                  "clean activations",
+}
+
+
+def _splice_lines(kinds: set[str]) -> list[str]:
+    """What each evaluated kind's splice replaces, when the sweep has more than SAEs."""
+    if kinds <= {"sae"}:
         return []
-    lines = ["Crosscoders: L0 and FVU over all their hooks together (every latent reads and writes "
-             "all of them), `FVU per hook` for each hook's block. They are not on the Pareto plot "
-             "or frontiers (an FVU over several hooks does not compare with one hook's SAE) and "
-             "`train-sae eval` does not splice them.", ""]
+    return ["Splices: " + "; ".join(SPLICES[k] for k in SPLICES if k in kinds) + "."]
+
+
+def _crosscoder_lines(sweep: Path, members: list[Member]) -> list[str]:
+    """What the table's rows of members predicting several hooks mean, and the model-diffing
+    section of every finished two-hook crosscoder: its only-a / shared / only-b latent counts and
+    relative-norm histogram."""
+    several = [m for m in members if m.ok and len(m.predicted) > 1]
+    lines = ["Crosscoders and CLTs: L0 and FVU over all the hooks they predict together, "
+             "`FVU per hook` for each hook's block. On the Pareto plot each hook set has its own "
+             "row of panels and frontier (an FVU over several hooks does not compare with one "
+             "hook's SAE), as does each transcoder's input -> output pair.", ""] if several else []
+    if not any(m.is_crosscoder for m in members):
+        return lines
     diffing = [m for m in members if m.ok and m.is_crosscoder and m.relative_norms]
     if not diffing:
         return lines
