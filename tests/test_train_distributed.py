@@ -128,13 +128,16 @@ def test_spread_sweep_is_byte_identical_to_one_process(store, tmp_path, monkeypa
     assert [line for line in lines if line.startswith("[default1]:")] == []
 
 
-def test_data_parallel_matches_one_process(store, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+def test_data_parallel_matches_one_process(store, tmp_path, monkeypatch, capsys, kernels):
     # AuxK with dead latents and its normalisation, BatchTopK's batch-wide budget and threshold,
     # relu resampling, a crosscoder: every statistic over the batch is reduced over the ranks
+    # (the TopK family in the dense and in the sparse step)
     extra = ["--hook", "all", "--arch", "topk,batchtopk,relu,crosscoder", "--width", "64",
              "--k", "4", "--l1", "3", "--lr", "3e-2", "--batch-size", "64", "--log-every", "10",
              "--tokens", str(64 * 60), "--device", "cpu", "--resample-at", "0.5",
-             "--param", "dead_tokens_threshold=300", "--param", "aux_normalize=true"]
+             "--param", "dead_tokens_threshold=300", "--param", "aux_normalize=true",
+             "--kernels", kernels]
     one_process(monkeypatch, capsys, *sweep(store, tmp_path / "one", *extra))
     code, output = torchrun(*sweep(store, tmp_path / "dp", *extra, "--data-parallel"))
     assert code == 0, output

@@ -37,6 +37,8 @@ from torch import nn
 
 from shared.distributed import World
 from shared.errors import fail
+from train_sae.dictionaries import sparse
+from train_sae.dictionaries.sparse import SparseActs
 
 
 @dataclass
@@ -51,8 +53,8 @@ class TrainProgress:
 @dataclass
 class TrainOutput:
     loss: torch.Tensor  # scalar, what backward() is called on
-    x_hat: torch.Tensor  # [batch, d_in]
-    acts: torch.Tensor  # [batch, d_sae] latent activations (post nonlinearity)
+    x_hat: torch.Tensor  # [batch, d_out] the prediction
+    acts: torch.Tensor | SparseActs  # [batch, d_sae] latent activations (post nonlinearity)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, detached
 
 
@@ -200,7 +202,7 @@ class StepTensors:
     x: torch.Tensor  # [batch, d_in] the inputs (hooks concatenated)
     target: torch.Tensor  # [batch, d_out] what the dictionary predicts (x for an autoencoder)
     pre: torch.Tensor | tuple  # pre-activations [batch, d_sae] (gated: (gate, magnitude))
-    acts: torch.Tensor  # [batch, d_sae] latent activations
+    acts: torch.Tensor | SparseActs  # [batch, d_sae] latent activations
     y_hat: torch.Tensor  # [batch, d_out] the prediction
 
 
@@ -255,6 +257,16 @@ class Dictionary(nn.Module):
     penalty_by_decoder_norm: bool = False
     sparsity: str = ""  # its sparsity's name (several classes of one arch differ by it)
     resamples: bool = False  # whether Anthropic resampling of dead latents applies
+    # the sparse training step (`sparse_step`, train_sae/dictionaries/sparse.py): the sparsity
+    # has one (the TopK family), the shape is linear (W_enc [d_in, d_sae], W_dec [d_sae, d_out];
+    # not a CLT), and the trainer turned it on (`sparse_kernels`, from --kernels)
+    has_sparse_step: bool = False
+    linear_shape: bool = True
+    sparse_kernels: bool = False
+
+    @property
+    def supports_sparse(self) -> bool:
+        return self.has_sparse_step and self.linear_shape
 
     @staticmethod
     def optim_defaults(d_sae: int, batch_size: int, total_steps: int) -> dict[str, Any]:
@@ -314,8 +326,11 @@ class Dictionary(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_acts(x))
 
-    def decode_latents(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts [batch, d_sae] -> their decoder sum [batch, d_out] (no bias, no skip)."""
+    def decode_latents(self, acts: torch.Tensor | SparseActs) -> torch.Tensor:
+        """acts [batch, d_sae] (dense, or the selected entries) -> their decoder sum [batch,
+        d_out] (no bias, no skip)."""
+        if isinstance(acts, SparseActs):
+            return sparse.decode(acts, self.W_dec)
         return acts @ self.W_dec
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -331,14 +346,21 @@ class Dictionary(nn.Module):
         """One training forward pass on `x` [batch, d_in] predicting `target` [batch, d_out]
         (default: x). `parts` are the unweighted loss terms."""
         target = x if target is None else target
-        pre = self.pre_acts(x)
-        acts = self.train_activation(pre)
-        step = StepTensors(x, target, pre, acts, self.decode(acts, x))
+        if self.sparse_kernels and self.supports_sparse:
+            step = self.sparse_step(x, target)
+        else:
+            pre = self.pre_acts(x)
+            acts = self.train_activation(pre)
+            step = StepTensors(x, target, pre, acts, self.decode(acts, x))
         terms = self.loss_terms(step)
         loss = sum(self.coefficient_at(name, progress) * t for name, t in terms.items())
         self.after_forward(step)
         parts = {name: t.detach() for name, t in terms.items()}
-        return TrainOutput(loss, step.y_hat, acts, parts)  # type: ignore[arg-type]
+        return TrainOutput(loss, step.y_hat, step.acts, parts)  # type: ignore[arg-type]
+
+    def sparse_step(self, x: torch.Tensor, target: torch.Tensor) -> StepTensors:
+        """The forward pass with `acts` as SparseActs (train_sae/dictionaries/sparse.py)."""
+        raise NotImplementedError
 
     def loss_terms(self, step: StepTensors) -> dict[str, torch.Tensor]:
         """Unweighted scalar loss terms; sparsity mixins add theirs to this."""

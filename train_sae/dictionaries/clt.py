@@ -53,6 +53,7 @@ class CrossLayerTranscoder(Dictionary):
     arch = "clt"
     io_kind = "clt"
     penalty_by_decoder_norm = True
+    linear_shape = False  # trains dense (no sparse step for the layered weights yet)
 
     @dataclass
     class ShapeConfig(HyperParams):

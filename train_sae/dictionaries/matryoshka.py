@@ -24,6 +24,7 @@ import torch
 from shared.errors import fail
 from train_sae.dictionaries.base import StepTensors, mse_per_token
 from train_sae.dictionaries.common import LinearSAE, UnitNormDecoder
+from train_sae.dictionaries.sparse import SparseActs
 from train_sae.dictionaries.sparsity import BatchTopK, BatchTopKConfig
 
 
@@ -61,8 +62,13 @@ class MatryoshkaBatchTopKSAE(BatchTopK, UnitNormDecoder, LinearSAE):
         inner = step.y_hat.new_zeros(())
         x_hat = self.b_dec
         start = 0
+        acts = step.acts
         for width in self.widths[:-1]:  # the outer prefix is the whole SAE: terms["mse"]
-            x_hat = x_hat + step.acts[:, start:width] @ self.W_dec[start:width]
+            if isinstance(acts, SparseActs):  # the selected entries of this group's latents
+                group = (acts.cols >= start) & (acts.cols < width)
+                x_hat = x_hat + self.decode_latents(acts.masked(group))
+            else:
+                x_hat = x_hat + acts[:, start:width] @ self.W_dec[start:width]
             inner = inner + mse_per_token(step.target, x_hat)
             start = width
         terms["matryoshka"] = inner

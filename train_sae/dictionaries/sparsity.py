@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from shared.errors import fail
+from train_sae.dictionaries import sparse
 from train_sae.dictionaries.base import StepTensors
 from train_sae.dictionaries.common import check_width, keep_topk
+from train_sae.dictionaries.sparse import SparseActs
 from train_sae.params import HyperParams
 
 
@@ -85,6 +87,7 @@ class TopK:
     """
 
     sparsity = "topk"
+    has_sparse_step = True
     cfg: TopKConfig
 
     @staticmethod
@@ -117,10 +120,30 @@ class TopK:
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold  # [d_sae] bool
 
+    # --- the sparse step (train_sae/dictionaries/sparse.py) -----------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.b_dec if self.apply_b_dec_to_input else x  # type: ignore[attr-defined]
+
+    def sparse_pattern(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crow, cols) of the latents this batch keeps, from the pre-activations."""
+        return sparse.topk_pattern(pre, self.cfg.k, self.topk_groups)
+
+    def sparse_step(self, x: torch.Tensor, target: torch.Tensor) -> StepTensors:
+        x_enc = self.encoder_input(x)
+        with torch.no_grad():  # the one dense product; no [batch, d_sae] graph is kept
+            pre = torch.addmm(self.b_enc, x_enc, self.W_enc)  # type: ignore[attr-defined]
+        crow, cols = self.sparse_pattern(pre)
+        acts = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
+        acts = acts.with_vals(torch.relu(acts.vals))
+        return StepTensors(x, target, (pre, x_enc), acts, self.decode(acts, x))  # type: ignore
+
     def loss_terms(self, step: StepTensors) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(step)  # type: ignore[misc]
-        terms["aux"] = self.aux_loss(step.target - step.y_hat, torch.relu(step.pre),
-                                     self.dead_mask())
+        residual = step.target - step.y_hat
+        if isinstance(step.acts, SparseActs):
+            terms["aux"] = self.sparse_aux_loss(residual, *step.pre)
+        else:
+            terms["aux"] = self.aux_loss(residual, torch.relu(step.pre), self.dead_mask())
         return terms
 
     def aux_loss(self, residual: torch.Tensor, pre_relu: torch.Tensor, dead: torch.Tensor
@@ -131,6 +154,24 @@ class TopK:
             return residual.new_zeros(())
         k_aux = min(self.k_aux, n_dead)
         aux_acts = keep_topk(pre_relu * dead, k_aux)  # [batch, d_sae], only dead latents
+        return self.aux_error(residual, aux_acts, n_dead)
+
+    def sparse_aux_loss(self, residual: torch.Tensor, pre: torch.Tensor, x_enc: torch.Tensor
+                        ) -> torch.Tensor:
+        """AuxK of the sparse step: the same loss from the dead latents' top k_aux entries."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return residual.new_zeros(())
+        k_aux = min(self.k_aux, n_dead)
+        candidates = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        crow, cols = sparse.topk_pattern(candidates, k_aux)
+        aux = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
+        aux = aux.with_vals(torch.relu(aux.vals) * dead[cols])
+        return self.aux_error(residual, aux, n_dead)
+
+    def aux_error(self, residual: torch.Tensor, aux_acts: torch.Tensor | SparseActs,
+                  n_dead: int) -> torch.Tensor:
         target = residual.detach()
         err = (self.decode_latents(aux_acts) - target).pow(2).sum(dim=-1).mean()  # type: ignore
         if self.cfg.aux_normalize:  # the variance of the whole batch's residual
@@ -144,9 +185,9 @@ class TopK:
         self.record_firing(step.acts)
 
     @torch.no_grad()
-    def record_firing(self, acts: torch.Tensor) -> None:
+    def record_firing(self, acts: torch.Tensor | SparseActs) -> None:
         batch = self.batch_group  # type: ignore[attr-defined]
-        fired = batch.any((acts > 0).any(dim=0))  # [d_sae], anywhere in the batch
+        fired = batch.any(sparse.fired_latents(acts))  # [d_sae], anywhere in the batch
         self.tokens_since_fired += batch.rows(acts.shape[0])
         self.tokens_since_fired[fired] = 0
 
@@ -190,6 +231,15 @@ class BatchTopK(TopK):
         if self.training:  # type: ignore[attr-defined]
             self.update_threshold(top.detach())
         return acts
+
+    def sparse_pattern(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre_relu = torch.relu(pre)
+        batch = self.batch_group  # type: ignore[attr-defined]
+        keep = min(self.cfg.k * batch.rows(pre.shape[0]), batch.rows(pre.numel()))
+        top = batch.top_values(pre_relu.flatten(), keep)  # [keep], over the whole batch
+        if self.training:  # type: ignore[attr-defined]
+            self.update_threshold(top)
+        return sparse.mask_pattern((pre_relu >= top.min()) & (pre_relu > 0))
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup
+from train_sae.dictionaries.sparse import SparseActs
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens counts as dense
 _EPS = 1e-12
@@ -39,8 +40,10 @@ def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).mean()
 
 
-def l0(acts: torch.Tensor) -> torch.Tensor:
+def l0(acts: torch.Tensor | SparseActs) -> torch.Tensor:
     """Mean number of non-zero latents per token (scalar tensor)."""
+    if isinstance(acts, SparseActs):
+        return acts.l0()
     return (acts != 0).sum(dim=-1).to(torch.float32).mean()
 
 
@@ -55,7 +58,7 @@ def l2_ratio(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def metric_tensors(x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor,
+def metric_tensors(x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor | SparseActs,
                    blocks: dict[str, int] | None = None, batch: BatchGroup = WHOLE_BATCH
                    ) -> dict[str, torch.Tensor]:
     """l0, mse, fvu, cos_sim and l2_ratio of one batch as scalar tensors (no device sync).
@@ -86,8 +89,10 @@ def batch_metrics(x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> d
     return {k: float(v) for k, v in metric_tensors(x, x_hat, acts).items()}
 
 
-def firing_counts(acts: torch.Tensor) -> torch.Tensor:
+def firing_counts(acts: torch.Tensor | SparseActs) -> torch.Tensor:
     """[d_sae] how many of the rows of `acts: [batch, d_sae]` each latent fired on (int64)."""
+    if isinstance(acts, SparseActs):
+        return acts.firing_counts()
     return (acts.detach() != 0).sum(dim=0)
 
 

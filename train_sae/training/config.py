@@ -20,6 +20,18 @@ OPTIM_KEYS = ("lr", "beta1", "beta2", "lr_warmup_steps", "lr_decay_frac", "grad_
 DEFAULT_RESAMPLE_AT = (0.25, 0.5, 0.75)
 # `--hook all`: every hook of the store
 ALL_HOOKS = "all"
+KERNELS = ("auto", "sparse", "dense")
+# --kernels auto: the sparse step from this width on, where it is measured faster than the dense
+# one (pipelines/bench/train.py (b); README "Benchmarks"), and only while k is a small share
+SPARSE_MIN_WIDTH = 8192
+SPARSE_MAX_K_SHARE = 1 / 32
+
+
+def use_sparse_kernels(kernels: str, width: int, k: int | None) -> bool:
+    """Whether a member of this width and k trains with the sparse step (if it has one)."""
+    if kernels != "auto":
+        return kernels == "sparse"
+    return width >= SPARSE_MIN_WIDTH and (k is None or k <= SPARSE_MAX_K_SHARE * width)
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,9 @@ class TrainConfig:
     normalize: bool = True  # April-update scaling by sqrt(d_in) / mean_norm (off: scale 1)
     progress: bool = True  # the tqdm bar on stderr
     diverge_factor: float = 1e3  # a member whose loss exceeds this x its first loss is stopped
+    # TopK-family training step: "sparse" (decode and gradients from the selected latents only,
+    # train_sae/dictionaries/sparse.py), "dense", or "auto" (sparse where it is the faster one)
+    kernels: str = "auto"
     # under torchrun: train every member on every rank, each rank on its share of every batch
     # (gradients averaged), instead of spreading the members over the ranks
     data_parallel: bool = False
@@ -157,6 +172,8 @@ class TrainConfig:
             fail(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.tokens is not None and self.tokens < self.batch_size:
             fail(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
+        if self.kernels not in KERNELS:
+            fail(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             fail(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.checkpoint_every < 0:

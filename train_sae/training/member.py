@@ -25,7 +25,7 @@ import torch
 from train_sae.dictionaries import IO, build
 from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup, Dictionary, TrainProgress
 from train_sae.evaluation.metrics import FeatureDensity, firing_counts, metric_tensors
-from train_sae.training.config import MemberConfig
+from train_sae.training.config import MemberConfig, use_sparse_kernels
 from train_sae.training.metrics_log import MetricsLog
 from train_sae.training.resampling import BatchPool, resample_dead
 from train_sae.training.schedules import LRSchedule
@@ -56,11 +56,14 @@ class Member:
     """One member's model and training state; `step` trains it on one batch dict."""
 
     def __init__(self, cfg: MemberConfig, dims: dict[str, int], total_steps: int, seed: int,
-                 device: str, diverge_factor: float, batch_group: BatchGroup = WHOLE_BATCH):
+                 device: str, diverge_factor: float, batch_group: BatchGroup = WHOLE_BATCH,
+                 kernels: str = "auto"):
         assert cfg.hooks, cfg  # bound by trainer.bind_hooks
         self.cfg, self.name, self.hooks = cfg, cfg.name, cfg.hooks
         self.sae = build_model(cfg, dims, seed).to(device)
         self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
+        self.sae.sparse_kernels = self.sae.supports_sparse and use_sparse_kernels(
+            kernels, cfg.d_sae, getattr(cfg.params, "k", None))
         # per-hook metrics of a dictionary predicting several hooks: hook -> its width
         self.blocks = {h: dims[h] for h in cfg.outputs} if len(cfg.outputs) > 1 else None
         o = cfg.optim
