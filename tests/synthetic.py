@@ -213,3 +213,134 @@ def build_crosscoder(arch: str, splits: list[int], hooks: list[str], d_sae: int,
         fail(f"got {len(hooks)} hook names for {len(splits)} splits; give one d_in per hook")
     pairs = tuple(zip(hooks, splits, strict=True))
     return build(arch, IO(pairs, pairs), d_sae, params, seed)
+
+
+# --- planted structure for transcoders, CLTs and Matryoshka SAEs -----------------------------------
+def _unit_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, d] random unit rows drawn from `gen`."""
+    rows = torch.randn(n, d, generator=gen)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+def _sparse_codes(n_rows: int, n_features: int, fire_prob: float, gen: torch.Generator,
+                  magnitude: tuple[float, float]) -> torch.Tensor:
+    """[n_rows, n_features] non-negative codes: each feature fires independently with
+    probability `fire_prob`, with a magnitude uniform in `magnitude`."""
+    lo, hi = magnitude
+    if not 0 <= lo <= hi:
+        fail(f"magnitude must be a range 0 <= low <= high (got {magnitude})")
+    fires = torch.rand(n_rows, n_features, generator=gen) < fire_prob
+    return fires * (lo + (hi - lo) * torch.rand(n_rows, n_features, generator=gen))
+
+
+def make_transcoder_data(n_rows: int, d_in: int, d_out: int, n_features: int, n_active: float,
+                         seed: int, *, magnitude: tuple[float, float] = (0.5, 1.5),
+                         noise: float = 0.01, linear: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """An input hook and an output hook driven by the same sparse features (an MLP's input and
+    output, for transcoders).
+
+    Codes as `make_sparse_data` (each feature fires with probability n_active / n_features);
+    x = codes @ dirs_in + Gaussian noise of std `noise`, y = codes @ dirs_out + x @ A^T, where
+    dirs_in [n_features, d_in] and dirs_out [n_features, d_out] are random unit rows and A
+    [d_out, d_in] is a random linear map with entries of std `linear / sqrt(d_in)` (zero when
+    `linear` is 0: then y is the sparse part alone; a skip transcoder's W_skip should find A).
+
+    Returns (x [n_rows, d_in], y [n_rows, d_out], dirs_in, dirs_out, A), all float32.
+    """
+    if n_rows < 1 or d_in < 1 or d_out < 1 or n_features < 1:
+        fail(f"n_rows, d_in, d_out and n_features must be >= 1 (got {n_rows}, {d_in}, {d_out}, "
+             f"{n_features})")
+    if not 0 < n_active <= n_features:
+        fail(f"n_active must be in (0, n_features={n_features}] (got {n_active})")
+    gen = torch.Generator().manual_seed(seed)
+    dirs_in = _unit_rows(n_features, d_in, gen)
+    dirs_out = _unit_rows(n_features, d_out, gen)
+    A = linear * torch.randn(d_out, d_in, generator=gen) / d_in**0.5
+    codes = _sparse_codes(n_rows, n_features, n_active / n_features, gen, magnitude)
+    x = codes @ dirs_in + noise * torch.randn(n_rows, d_in, generator=gen)
+    y = codes @ dirs_out + x @ A.T
+    return x.float(), y.float(), dirs_in, dirs_out, A
+
+
+def make_clt_data(n_rows: int, d_in: int, d_out: int, n_each: int, fire_prob: float, seed: int,
+                  *, magnitude: tuple[float, float] = (0.5, 1.5), noise: float = 0.01
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor],
+                             torch.Tensor]:
+    """Two layers' inputs and outputs with features of three kinds (for cross-layer transcoders),
+    `n_each` of each, every feature firing independently with probability `fire_prob`:
+
+    - "early": read from layer 0's input, written to layer 0's output only;
+    - "both": read from layer 0's input, written to layer 0's output and to layer 1's;
+    - "late": read from layer 1's input, written to layer 1's output only.
+
+    x0 = early @ E_early + both @ E_both, x1 = late @ E_late (each plus Gaussian noise of std
+    `noise`); y0 = early @ F_early + both @ F_both, y1 = both @ G_both + late @ F_late, with every
+    E, F, G random unit rows of its own.
+
+    Returns ([x0, x1] each [n_rows, d_in], [y0, y1] each [n_rows, d_out], features, codes) where
+    features = {"kind": [3 * n_each] 0 early / 1 both / 2 late, "enc": [3 * n_each, 2 * d_in]
+    each feature's direction in [x0 | x1], "dec": [3 * n_each, 2 * d_out] in [y0 | y1]} and
+    codes [n_rows, 3 * n_each] are the features' magnitudes in each row (0: not firing).
+    """
+    if n_rows < 1 or d_in < 1 or d_out < 1 or n_each < 1:
+        fail(f"n_rows, d_in, d_out and n_each must be >= 1 (got {n_rows}, {d_in}, {d_out}, "
+             f"{n_each})")
+    if not 0 < fire_prob <= 1:
+        fail(f"fire_prob must be in (0, 1] (got {fire_prob})")
+    gen = torch.Generator().manual_seed(seed)
+    n = 3 * n_each
+    early, both, late = (slice(i * n_each, (i + 1) * n_each) for i in range(3))
+    enc = torch.zeros(n, 2 * d_in)
+    dec = torch.zeros(n, 2 * d_out)
+    enc[early, :d_in] = _unit_rows(n_each, d_in, gen)
+    enc[both, :d_in] = _unit_rows(n_each, d_in, gen)
+    enc[late, d_in:] = _unit_rows(n_each, d_in, gen)
+    dec[early, :d_out] = _unit_rows(n_each, d_out, gen)
+    dec[both, :d_out] = _unit_rows(n_each, d_out, gen)
+    dec[both, d_out:] = _unit_rows(n_each, d_out, gen)
+    dec[late, d_out:] = _unit_rows(n_each, d_out, gen)
+    codes = _sparse_codes(n_rows, n, fire_prob, gen, magnitude)
+    x = codes @ enc + noise * torch.randn(n_rows, 2 * d_in, generator=gen)
+    y = codes @ dec
+    kind = torch.arange(n) // n_each
+    return ([x[:, :d_in].contiguous(), x[:, d_in:].contiguous()],
+            [y[:, :d_out].contiguous(), y[:, d_out:].contiguous()],
+            {"kind": kind, "enc": enc, "dec": dec}, codes)
+
+
+def make_hierarchical_data(n_rows: int, d_in: int, n_parents: int, n_children: int,
+                           parent_prob: float, seed: int, *,
+                           parent_magnitude: tuple[float, float] = (0.5, 1.5),
+                           child_magnitude: tuple[float, float] = (0.5, 1.0),
+                           noise: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows with a two-level feature hierarchy (the case Matryoshka SAEs are made for).
+
+    Each of `n_parents` parent features fires independently with probability `parent_prob`;
+    whenever a parent fires, exactly one of its `n_children` children (chosen uniformly) fires
+    with it, so a parent is `n_children` times as frequent as any child and never fires alone.
+    A plain SAE tends to absorb the parent into its children's latents; a Matryoshka SAE's first
+    group should keep it. x = sum of the active features' magnitudes times their random unit
+    directions, plus Gaussian noise of std `noise`.
+
+    Returns (x [n_rows, d_in], parents [n_parents, d_in], children [n_parents * n_children,
+    d_in]; child j of parent p is row p * n_children + j).
+    """
+    if n_rows < 1 or d_in < 1 or n_parents < 1 or n_children < 1:
+        fail(f"n_rows, d_in, n_parents and n_children must be >= 1 (got {n_rows}, {d_in}, "
+             f"{n_parents}, {n_children})")
+    if not 0 < parent_prob <= 1:
+        fail(f"parent_prob must be in (0, 1] (got {parent_prob})")
+    gen = torch.Generator().manual_seed(seed)
+    parents = _unit_rows(n_parents, d_in, gen)
+    children = _unit_rows(n_parents * n_children, d_in, gen)
+    p_codes = _sparse_codes(n_rows, n_parents, parent_prob, gen, parent_magnitude)
+    which = torch.randint(0, n_children, (n_rows, n_parents), generator=gen)
+    lo, hi = child_magnitude
+    size = lo + (hi - lo) * torch.rand(n_rows, n_parents, generator=gen)
+    c_codes = torch.zeros(n_rows, n_parents, n_children)
+    c_codes.scatter_(2, which[..., None], ((p_codes > 0) * size)[..., None])
+    x = (p_codes @ parents + c_codes.reshape(n_rows, -1) @ children
+         + noise * torch.randn(n_rows, d_in, generator=gen))
+    return x.float(), parents, children
