@@ -81,6 +81,9 @@ DataParallel = Annotated[bool, typer.Option(
 Kernels = Annotated[str, typer.Option(
     help="TopK-family training step: sparse (decode and gradients from the k selected latents "
          "only), dense, or auto (sparse from width 8192 on, where it is faster)")]
+Precision = Annotated[str, typer.Option(
+    help="dtype of the dictionaries' matmuls: fp32, bf16 or fp16 (autocast; weights, Adam "
+         "state and losses stay fp32; fp16 with loss scaling)")]
 Normalize = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="scale each hook's activations by sqrt(d_in) / mean norm while training (Anthropic April "
@@ -133,7 +136,8 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
            hook: list[str] | None, out_hook: list[str] | None, tokens: str | None,
            batch_size: str, device: str, seed: int, resume: bool, overwrite: bool,
            checkpoint_every: str, log_every: str, wandb_project: str | None, normalize: bool,
-           data_parallel: bool, kernels: str, config: Path | None, arch: str | None,
+           data_parallel: bool, kernels: str, precision: str, config: Path | None,
+           arch: str | None,
            width: str | None,
            expansion: str | None, param: list[str] | None, resample_at: str | None,
            flags: dict[str, str | None]) -> None:
@@ -149,7 +153,7 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
                       log_every=parse_count(log_every),
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize, data_parallel=data_parallel, kernels=kernels,
-                      storage_options=options)
+                      precision=precision, storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
     values = {name: parse_values(name, v) for name, v in flags.items() if v is not None}
     for item in param or []:
@@ -215,14 +219,16 @@ def _train_command(single: bool):
         batch_size: BatchSize = "4096", device: Device = "auto", seed: Seed = 0,
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = "0",
         log_every: LogEvery = "100", wandb_project: Wandb = None, normalize: Normalize = True,
-        data_parallel: DataParallel = False, kernels: Kernels = "auto", config: Config = None,
+        data_parallel: DataParallel = False, kernels: Kernels = "auto",
+        precision: Precision = "fp32", config: Config = None,
         arch: Arch = None,
         width: Width = None, expansion: Expansion = None, resample_at: ResampleAt = None,
         param: Param = None, **flags: str | None,
     ) -> None:
         _train(single, store, storage_option, out, hook, out_hook, tokens, batch_size, device,
                seed, resume, overwrite, checkpoint_every, log_every, wandb_project, normalize,
-               data_parallel, kernels, config, arch, width, expansion, param, resample_at, flags)
+               data_parallel, kernels, precision, config, arch, width, expansion, param,
+               resample_at, flags)
 
     return with_params(command)
 

@@ -352,7 +352,9 @@ class Dictionary(nn.Module):
             pre = self.pre_acts(x)
             acts = self.train_activation(pre)
             step = StepTensors(x, target, pre, acts, self.decode(acts, x))
-        terms = self.loss_terms(step)
+        step.y_hat = step.y_hat.float()
+        with torch.autocast(x.device.type, enabled=False):  # losses in fp32 under --precision
+            terms = self.loss_terms(step)
         loss = sum(self.coefficient_at(name, progress) * t for name, t in terms.items())
         self.after_forward(step)
         parts = {name: t.detach() for name, t in terms.items()}

@@ -134,13 +134,14 @@ class _GatherPre(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x, W_enc = ctx.saved_tensors
         acts: SparseActs = ctx.acts
+        g = g.to(W_enc.dtype)  # the selected pre-activations may be bf16 under autocast
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:  # [d_sae, d_in] = G^T x, stored as W_enc's [d_in, d_sae]
             grad_W = (acts.csr_t(g) @ x).t().contiguous()
         if ctx.needs_input_grad[2]:
             grad_b = torch.bincount(acts.cols, weights=g, minlength=acts.shape[1]).to(g.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = acts.csr(g) @ W_enc.t()
+            grad_x = (acts.csr(g) @ W_enc.t()).to(x.dtype)
         return grad_x, grad_W, grad_b, None, None
 
 
@@ -151,18 +152,23 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, vals, W_dec, acts: SparseActs):  # type: ignore[override]
         ctx.save_for_backward(vals, W_dec)
         ctx.acts = acts
-        return acts.csr(vals) @ W_dec
+        # the CSR products run in the decoder's dtype (fp32 master weights under --precision:
+        # autocast does not cover sparse ops; the encoder's dense product is the one it speeds up)
+        with torch.autocast(W_dec.device.type, enabled=False):
+            return acts.csr(vals.to(W_dec.dtype)) @ W_dec
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         vals, W_dec = ctx.saved_tensors
         acts: SparseActs = ctx.acts
+        g = g.to(W_dec.dtype)
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:  # <g[row], W_dec[col]> at every selected pair (SDDMM)
-            pattern = acts.csr(torch.zeros_like(vals))
+            pattern = acts.csr(torch.zeros(vals.shape, dtype=W_dec.dtype, device=vals.device))
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=0.0).values()
+            grad_vals = grad_vals.to(vals.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W = acts.csr_t(vals) @ g
+            grad_W = acts.csr_t(vals.to(W_dec.dtype)) @ g
         return grad_vals, grad_W, None
 
 

@@ -243,6 +243,7 @@ class BatchTopK(TopK):
 
     @torch.no_grad()
     def update_threshold(self, kept: torch.Tensor) -> None:
+        kept = kept.to(self.threshold.dtype)  # bf16 / fp16 under --precision
         positive = kept[kept > 0]
         if positive.numel() == 0:
             return

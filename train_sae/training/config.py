@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from shared.errors import check_seed, fail
 from train_sae.dictionaries import arch_class, make_config
 from train_sae.params import PARAMS
@@ -21,6 +23,8 @@ DEFAULT_RESAMPLE_AT = (0.25, 0.5, 0.75)
 # `--hook all`: every hook of the store
 ALL_HOOKS = "all"
 KERNELS = ("auto", "sparse", "dense")
+# --precision: the dtype of the dictionaries' matmuls (weights, Adam state and losses stay fp32)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --kernels auto: the sparse step from this width on, where it is measured faster than the dense
 # one (pipelines/bench/train.py (b); README "Benchmarks"), and only while k is a small share
 SPARSE_MIN_WIDTH = 8192
@@ -137,6 +141,14 @@ class MemberConfig:
 
 
 @dataclass(frozen=True)
+class StepOptions:
+    """How every member's training step runs (not what it trains): --kernels and --precision."""
+
+    kernels: str = "auto"
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Settings shared by every member of a sweep (one store, one stream of batches)."""
 
@@ -161,6 +173,8 @@ class TrainConfig:
     # TopK-family training step: "sparse" (decode and gradients from the selected latents only,
     # train_sae/dictionaries/sparse.py), "dense", or "auto" (sparse where it is the faster one)
     kernels: str = "auto"
+    # matmuls under autocast in bf16 / fp16 (fp16 with loss scaling), master weights fp32
+    precision: str = "fp32"
     # under torchrun: train every member on every rank, each rank on its share of every batch
     # (gradients averaged), instead of spreading the members over the ranks
     data_parallel: bool = False
@@ -174,6 +188,8 @@ class TrainConfig:
             fail(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
         if self.kernels not in KERNELS:
             fail(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if self.precision not in PRECISIONS:
+            fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             fail(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.checkpoint_every < 0:
@@ -191,6 +207,9 @@ class TrainConfig:
                 fail(f"{option} {twice[0]} is given twice; name each hook once")
         if ALL_HOOKS in self.hooks and len(self.hooks) > 1:
             fail(f"--hook {ALL_HOOKS} already means every hook of the store; drop the other --hook")
+
+    def step_options(self) -> StepOptions:
+        return StepOptions(self.kernels, self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

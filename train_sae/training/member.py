@@ -25,7 +25,7 @@ import torch
 from train_sae.dictionaries import IO, build
 from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup, Dictionary, TrainProgress
 from train_sae.evaluation.metrics import FeatureDensity, firing_counts, metric_tensors
-from train_sae.training.config import MemberConfig, use_sparse_kernels
+from train_sae.training.config import PRECISIONS, MemberConfig, StepOptions, use_sparse_kernels
 from train_sae.training.metrics_log import MetricsLog
 from train_sae.training.resampling import BatchPool, resample_dead
 from train_sae.training.schedules import LRSchedule
@@ -57,13 +57,19 @@ class Member:
 
     def __init__(self, cfg: MemberConfig, dims: dict[str, int], total_steps: int, seed: int,
                  device: str, diverge_factor: float, batch_group: BatchGroup = WHOLE_BATCH,
-                 kernels: str = "auto"):
+                 options: StepOptions = StepOptions()):
         assert cfg.hooks, cfg  # bound by trainer.bind_hooks
         self.cfg, self.name, self.hooks = cfg, cfg.name, cfg.hooks
         self.sae = build_model(cfg, dims, seed).to(device)
         self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
         self.sae.sparse_kernels = self.sae.supports_sparse and use_sparse_kernels(
-            kernels, cfg.d_sae, getattr(cfg.params, "k", None))
+            options.kernels, cfg.d_sae, getattr(cfg.params, "k", None))
+        # --precision: the forward's matmuls under autocast; fp16 scales the loss so that small
+        # gradients survive (torch.amp.GradScaler), then unscales before clipping and Adam
+        self.device_type = torch.device(device).type
+        self.autocast = PRECISIONS[options.precision]
+        self.scaler = torch.amp.GradScaler(self.device_type,
+                                           enabled=options.precision == "fp16")
         # per-hook metrics of a dictionary predicting several hooks: hook -> its width
         self.blocks = {h: dims[h] for h in cfg.outputs} if len(cfg.outputs) > 1 else None
         o = cfg.optim
@@ -104,14 +110,19 @@ class Member:
         lr = self.schedule.lr(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        out = self.sae.training_forward(x, progress, y)
+        with torch.autocast(self.device_type, dtype=self.autocast,
+                            enabled=self.autocast != torch.float32):
+            out = self.sae.training_forward(x, progress, y)
         self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        self.scaler.scale(out.loss).backward()
         loss = self.batch.reduce_gradients(self.sae.parameters(), out.loss.detach())
+        # after the reduction, so that every data-parallel rank sees the same overflow
+        self.scaler.unscale_(self.opt)  # a no-op unless fp16
         self.sae.before_optimizer_step()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.optim.grad_clip)
-        self.opt.step()
+        self.scaler.step(self.opt)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
         self.sae.after_optimizer_step()
         in_final = step >= self.final_start
         metrics = None
@@ -176,6 +187,7 @@ class Member:
                              "log_offset": self.log.offset() if self.log else 0}
         if self.status == "running":
             s.update(sae=self.sae.state_dict(), opt=self.opt.state_dict(),
+                     scaler=self.scaler.state_dict(),
                      rng=self.rng.get_state(),
                      final_sums={k: torch.as_tensor(v).clone() for k, v in self.final_sums.items()},
                      final_steps=self.final_steps,
@@ -191,6 +203,8 @@ class Member:
             return
         self.sae.load_state_dict(s["sae"])
         self.opt.load_state_dict(s["opt"])
+        if s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
         self.rng.set_state(s["rng"])
         device = self.final_density.counts.device
         self.final_sums = {k: v.to(device) for k, v in s["final_sums"].items()}

@@ -226,7 +226,7 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
                   placement: Placement, out: Path, world: World) -> list[MemberResult]:
     torch.manual_seed(cfg.seed)
     members = [Member(members_cfg[i], plan.dims, plan.total_steps, cfg.seed, plan.device,
-                      cfg.diverge_factor, placement.batch, cfg.kernels)
+                      cfg.diverge_factor, placement.batch, cfg.step_options())
                for i in placement.trains]  # builds (and validates) every model before writing
     sweep_doc = sweep_description(cfg, plan.hooks, plan.dims, plan.store.manifest,
                                   plan.total_steps, members_cfg)
