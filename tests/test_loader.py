@@ -362,7 +362,8 @@ def test_cuda_batches_match_cpu(tmp_path: Path) -> None:
                        dtype="bfloat16")
     cpu = collect(ActivationLoader(store, ["a", "b"], 128, 20, seed=1))
     gpu_loader = ActivationLoader(store, ["a", "b"], 128, 20, seed=1, device="cuda")
-    assert gpu_loader.batch(0)["a"].is_pinned()
+    assert gpu_loader.ship_raw  # bf16 crosses to the GPU as 16 bits
+    assert gpu_loader.batch(0)["a"].device.type == "cuda"
     for c, g in zip(cpu, gpu_loader, strict=True):
         assert g["a"].device.type == "cuda"
         assert torch.equal(c["a"], g["a"].cpu()) and torch.equal(c["b"], g["b"].cpu())
@@ -423,3 +424,20 @@ def test_a_share_of_the_rows_reads_only_those_rows(tmp_path: Path, compression) 
     assert torch.equal(share.batch(7, whole=True)["h"], whole[7]["h"])
     with pytest.raises(UserError, match="not a non-empty contiguous range"):
         ActivationLoader(store, ["h"], 96, 20, rows=slice(50, 50))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_16_bit_batches_shipped_raw_widen_to_the_same_floats(tmp_path: Path, dtype: str,
+                                                             normalize: bool) -> None:
+    """The path a GPU takes (the stored 16 bits copied, widened and scaled on the device), forced
+    on the CPU, gives the bytes the host-widening path gives."""
+    x = torch.randn(700, 12, generator=torch.Generator().manual_seed(5)) * 4
+    store = make_store(tmp_path / "s", {"a": x, "b": x[:, :5] + 1}, dtype=dtype, chunk_rows=64)
+    host = ActivationLoader(store, ["a", "b"], 128, 9, seed=3, normalize=normalize)
+    raw = ActivationLoader(store, ["a", "b"], 128, 9, seed=3, normalize=normalize, ship_raw=True)
+    assert not host.ship_raw and raw.ship_raw
+    for h, r in zip(host, raw, strict=True):
+        for hook in ("a", "b"):
+            assert r[hook].dtype == torch.float32 and torch.equal(h[hook], r[hook])
+    assert torch.equal(host.batch(4, whole=True)["a"], raw.batch(4, whole=True)["a"])

@@ -31,7 +31,7 @@ import torch
 
 from shared.errors import UserError, fail
 from shared.storage import ReadAhead
-from shared.store import STORAGE_DTYPES, Store, acts_path, checksum, count_nonfinite
+from shared.store import STORAGE_DTYPES, TORCH_DTYPES, Store, acts_path, checksum, count_nonfinite
 
 THREAD_NAME = "ActivationLoader"
 _POLL_S = 0.1  # how often a thread blocked on the queue checks for a stop request
@@ -258,7 +258,9 @@ class ActivationLoader:
     `(prefetch + 2) * batch_size * sum(d_in) * 4` bytes (queued batches, one being built, one
     held by the consumer, plus any the consumer keeps) whatever the store's size; a compressed store adds one decoded row chunk
     per hook (`chunk_rows * d_in * itemsize`). Memory-mapped pages are the OS page cache's.
-    On CUDA, batches are built in pinned memory and copied with `non_blocking=True`.
+    On CUDA, batches are built in pinned memory and copied with `non_blocking=True`; a 16-bit
+    store (bfloat16, float16) crosses as its stored 16 bits and is widened and scaled on the GPU
+    (`ship_raw`: half the host-to-device bytes, the same float32 values).
 
     Iterating again continues after the last batch handed out (`len()` counts what is left).
     The thread stops when the consumer's loop ends, breaks, raises, or drops the iterator, or on
@@ -279,6 +281,7 @@ class ActivationLoader:
         normalize: bool = True,
         prefetch: int = 4,
         rows: slice = slice(None),
+        ship_raw: bool | None = None,
     ):
         m = store.manifest
         if not hooks:
@@ -309,6 +312,10 @@ class ActivationLoader:
         if self.rows.step != 1 or not self.rows:
             fail(f"the rows {rows} of a batch of {batch_size} are not a non-empty contiguous range")
         self._pin = self.device.type == "cuda"
+        # a 16-bit store goes to the GPU as its stored 16 bits (half the host-to-device bytes)
+        # and is widened and scaled there; on the CPU it is widened while the batch is built
+        self.ship_raw = ship_raw if ship_raw is not None else (
+            self.device.type == "cuda" and m.dtype in ("bfloat16", "float16"))
         self._next = start_batch
         self._stops: list[threading.Event] = []
         self.verifier = ChunkVerifier(store)
@@ -333,8 +340,7 @@ class ActivationLoader:
                     return
                 if isinstance(item, _Failure):
                     raise item.error
-                if self.device.type != "cpu":
-                    item = {h: x.to(self.device, non_blocking=True) for h, x in item.items()}
+                item = self._to_device(item)
                 self._next = i + 1
                 yield item
         finally:
@@ -353,15 +359,29 @@ class ActivationLoader:
             stop.set()
 
     def batch(self, i: int, whole: bool = False) -> dict[str, torch.Tensor]:
-        """Batch i (`whole`: all its rows, not only this loader's share) on the host (pinned for
-        CUDA), built synchronously on the calling thread."""
+        """Batch i (`whole`: all its rows, not only this loader's share) on the device, built
+        synchronously on the calling thread."""
         rows = range(self.batch_size) if whole else self.rows
         reader = self._reader()
         try:
             reader.plan(i, rows)
-            return self._build(i, reader, rows)
+            return self._to_device(self._build(i, reader, rows))
         finally:
             reader.close()
+
+    def _to_device(self, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A built batch on the device as float32, scaled: raw 16-bit batches are widened (exactly)
+        and scaled there, as `_decode_into` does on the host."""
+        if self.device.type != "cpu":
+            item = {h: x.to(self.device, non_blocking=True) for h, x in item.items()}
+        if not self.ship_raw:
+            return item
+        wide = TORCH_DTYPES[self.store.manifest.dtype]
+        out = {}
+        for h, raw in item.items():
+            x = raw.view(wide).float()
+            out[h] = x.mul_(self.scales[h]) if self.scales[h] != 1.0 else x
+        return out
 
     def _reader(self) -> _MemmapReader | _ZarrReader:
         if self.store.memmappable():
@@ -377,10 +397,19 @@ class ActivationLoader:
         out: dict[str, torch.Tensor] = {}
         for hook in self.hooks:
             d_in = self.store.manifest.d_in[hook]
-            x = torch.empty(len(rows), d_in, dtype=torch.float32, pin_memory=self._pin)
-            x_np, row = x.numpy(), 0  # [rows, d_in] float32, shares memory with x
+            if self.ship_raw:  # the stored 16 bits, widened on the device (`_to_device`)
+                x = torch.empty(len(rows), d_in, dtype=torch.int16, pin_memory=self._pin)
+                x_np = x.numpy().view(STORAGE_DTYPES[dtype])
+            else:
+                x = torch.empty(len(rows), d_in, dtype=torch.float32, pin_memory=self._pin)
+                x_np = x.numpy()  # [rows, d_in] float32, shares memory with x
+            row = 0
             for seg in segments:
-                _decode_into(reader.read(hook, seg), x_np[row : row + seg.n], dtype, self.scales[hook])
+                src = reader.read(hook, seg)
+                if self.ship_raw:
+                    np.copyto(x_np[row : row + seg.n], src)
+                else:
+                    _decode_into(src, x_np[row : row + seg.n], dtype, self.scales[hook])
                 row += seg.n
             out[hook] = x
         return out
