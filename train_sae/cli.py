@@ -80,7 +80,8 @@ DataParallel = Annotated[bool, typer.Option(
          "--batch-size must be divisible by the number of ranks")]
 Kernels = Annotated[str, typer.Option(
     help="TopK-family training step: sparse (decode and gradients from the k selected latents "
-         "only), dense, or auto (sparse from width 8192 on, where it is faster)")]
+         "only), dense, or auto (sparse from width 512 on while k <= width / 16, where it is "
+         "faster)")]
 Precision = Annotated[str, typer.Option(
     help="dtype of the dictionaries' matmuls: fp32, bf16 or fp16 (autocast; weights, Adam "
          "state and losses stay fp32; fp16 with loss scaling)")]

@@ -45,7 +45,8 @@ class SparseActs:
         # [nnz] the row of every entry
         self.rows = torch.repeat_interleave(
             torch.arange(self.shape[0], device=self.cols.device), counts)
-        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the pattern sorted by latent, built once per step and shared by `with_vals` copies
+        self._transposed: dict[str, torch.Tensor] = {}
 
     def with_vals(self, vals: torch.Tensor) -> SparseActs:
         """The same pattern with other values."""
@@ -87,14 +88,29 @@ class SparseActs:
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
         """The [d_sae, batch] CSR matrix of the transposed pattern with `values` [nnz] (given in
         row order)."""
-        if self._transposed is None:  # sorted by latent once per step
-            order = torch.argsort(self.cols, stable=True)
-            crow = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
-            crow[1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
-            self._transposed = (order, crow)
-        order, crow = self._transposed
-        return torch.sparse_csr_tensor(crow, self.rows[order], values[order],
+        t = self._transposed
+        if not t:
+            t["order"] = torch.argsort(self.cols, stable=True)
+            t["crow"] = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
+            t["crow"][1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
+            t["rows"] = self.rows[t["order"]]
+        order, crow = t["order"], t["crow"]
+        return torch.sparse_csr_tensor(crow, t["rows"], values[order],
                                        (self.shape[1], self.shape[0]), check_invariants=False)
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [batch, d_sae] buffer for the encoder's product, reused from step to step and by every
+    member of that shape (members step one after another and no step keeps it past its
+    backward), so the 256 MiB-1 GiB product is not a fresh allocation (page faults) each step."""
+    key = (tuple(shape), dtype, device)
+    if key not in _SCRATCH:
+        _SCRATCH.clear()  # one shape at a time: a sweep's members of another width re-allocate
+        _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
+    return _SCRATCH[key]
 
 
 def topk_pattern(pre: torch.Tensor, k: int, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,8 +152,10 @@ class _GatherPre(torch.autograd.Function):
         acts: SparseActs = ctx.acts
         g = g.to(W_enc.dtype)  # the selected pre-activations may be bf16 under autocast
         grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[1]:  # [d_sae, d_in] = G^T x, stored as W_enc's [d_in, d_sae]
-            grad_W = (acts.csr_t(g) @ x).t().contiguous()
+        if ctx.needs_input_grad[1]:  # [d_sae, d_in] = G^T x, seen as W_enc's [d_in, d_sae]
+            grad_W = (acts.csr_t(g) @ x).t()
+            if grad_W.stride() != W_enc.stride():  # autograd would copy it into W_enc's layout
+                grad_W = grad_W.contiguous()
         if ctx.needs_input_grad[2]:
             grad_b = torch.bincount(acts.cols, weights=g, minlength=acts.shape[1]).to(g.dtype)
         if ctx.needs_input_grad[0]:

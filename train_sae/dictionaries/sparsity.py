@@ -131,7 +131,12 @@ class TopK:
     def sparse_step(self, x: torch.Tensor, target: torch.Tensor) -> StepTensors:
         x_enc = self.encoder_input(x)
         with torch.no_grad():  # the one dense product; no [batch, d_sae] graph is kept
-            pre = torch.addmm(self.b_enc, x_enc, self.W_enc)  # type: ignore[attr-defined]
+            W_enc, b_enc = self.W_enc, self.b_enc  # type: ignore[attr-defined]
+            if torch.is_autocast_enabled(x.device.type):  # --precision: its own dtype
+                pre = torch.addmm(b_enc, x_enc, W_enc)
+            else:
+                buf = sparse.scratch((x.shape[0], self.d_sae), W_enc.dtype, W_enc.device)
+                pre = torch.addmm(b_enc, x_enc, W_enc, out=buf)
         crow, cols = self.sparse_pattern(pre)
         acts = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
         acts = acts.with_vals(torch.relu(acts.vals))

@@ -25,10 +25,12 @@ ALL_HOOKS = "all"
 KERNELS = ("auto", "sparse", "dense")
 # --precision: the dtype of the dictionaries' matmuls (weights, Adam state and losses stay fp32)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# --kernels auto: the sparse step from this width on, where it is measured faster than the dense
-# one (pipelines/bench/train.py (b); README "Benchmarks"), and only while k is a small share
-SPARSE_MIN_WIDTH = 8192
-SPARSE_MAX_K_SHARE = 1 / 32
+# --kernels auto: the sparse step from this width on, while k is at most this share of it: where
+# pipelines/bench/topk_step.py measured it faster than the dense step on a 2-core CPU (0.57x at
+# width 512, k 32 / d_in 64 / batch 1024, 0.32x at width 2048, 0.24x at 16384, k 32 / d_in 512 /
+# batch 4096; about even at width 256, k 8)
+SPARSE_MIN_WIDTH = 512
+SPARSE_MAX_K_SHARE = 1 / 16
 
 
 def use_sparse_kernels(kernels: str, width: int, k: int | None) -> bool:

@@ -73,7 +73,10 @@ class Member:
         # per-hook metrics of a dictionary predicting several hooks: hook -> its width
         self.blocks = {h: dims[h] for h in cfg.outputs} if len(cfg.outputs) > 1 else None
         o = cfg.optim
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+        # the fused kernel: one pass over each parameter instead of five (Adam on the CPU took
+        # about a sixth of a sparse TopK step)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                    fused=True)
         self.resample_steps = cfg.resample.steps(total_steps) if cfg.resamples else []
         # dead = no firing in the second half of the interval before each resampling (Anthropic:
         # 12.5k steps before resampling every 25k), so the busy first steps do not hide dead latents
