@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from pipelines.bench.train import bare_dense
 from train_sae.dictionaries import TrainProgress, build_sae
 
 try:
@@ -80,21 +81,6 @@ def saelens(arch: str, x: torch.Tensor, width: int, **cfg) -> Step:
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-    return run
-
-
-def bare_dense(x: torch.Tensor, width: int) -> Step:
-    """The five matmuls of a dense step (pipelines/bench/train.py `bench_step`)."""
-    batch, d_in = x.shape
-    W_enc, W_dec = torch.randn(d_in, width), torch.randn(width, d_in)
-    acts, g_xhat = torch.randn(batch, width), torch.randn(batch, d_in)
-
-    def run() -> None:
-        x @ W_enc  # encoder forward
-        acts @ W_dec  # decoder forward
-        g_acts = g_xhat @ W_dec.T  # gradient into the latents
-        acts.T @ g_xhat  # W_dec gradient
-        x.T @ g_acts  # W_enc gradient
     return run
 
 

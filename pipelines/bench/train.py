@@ -73,10 +73,17 @@ def bench_step(arch: str, params: dict, d_in: int, width: int, batch: int, devic
         opt.step()
         sae.after_optimizer_step()
 
-    W_enc = torch.randn(d_in, width, device=device)  # [d_in, d_sae]
-    W_dec = torch.randn(width, d_in, device=device)  # [d_sae, d_in]
-    acts = torch.randn(batch, width, device=device)  # [batch, d_sae]
-    g_xhat = torch.randn(batch, d_in, device=device)  # [batch, d_in]
+    t = _alternate({"step": step, "bare": bare_dense(x, width)}, rounds, device)
+    return {"step_s": t["step"], "bare_matmuls_s": t["bare"], "ratio": t["step"] / t["bare"]}
+
+
+def bare_dense(x: torch.Tensor, width: int) -> Callable[[], None]:
+    """The five matmuls of a dense step of these shapes, on x's device."""
+    batch, d_in = x.shape
+    W_enc = torch.randn(d_in, width, device=x.device)  # [d_in, d_sae]
+    W_dec = torch.randn(width, d_in, device=x.device)  # [d_sae, d_in]
+    acts = torch.randn(batch, width, device=x.device)  # [batch, d_sae]
+    g_xhat = torch.randn(batch, d_in, device=x.device)  # [batch, d_in]
 
     def bare() -> None:
         x @ W_enc  # encoder forward
@@ -84,9 +91,7 @@ def bench_step(arch: str, params: dict, d_in: int, width: int, batch: int, devic
         g_acts = g_xhat @ W_dec.T  # gradient into the latents
         acts.T @ g_xhat  # W_dec gradient
         x.T @ g_acts  # W_enc gradient
-
-    t = _alternate({"step": step, "bare": bare}, rounds, device)
-    return {"step_s": t["step"], "bare_matmuls_s": t["bare"], "ratio": t["step"] / t["bare"]}
+    return bare
 
 
 EIGHT = [("topk", {"k": 8}), ("topk", {"k": 16}), ("topk", {"k": 32}), ("topk", {"k": 64}),
