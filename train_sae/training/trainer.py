@@ -22,6 +22,10 @@ into the one checkpoint and marks the sweep complete; each member's folder is wr
 rank that trains it (rank 0 with --data-parallel). The ranks meet before every step
 (`World.agree`), so a rank that fails stops them all there with one line naming it.
 
+Before anything is written, each rank estimates the peak memory of the members it trains
+(train_sae/training/memory.py: weights, gradients, Adam state, the largest step, the batches):
+rank 0 prints it per member, and a sweep that would not fit its device is refused with one line.
+
 Metrics in metrics.jsonl / metrics.json are measured on the scaled activations the members
 train on (x_h * input_scale_h, input_scale_h = sqrt(d_h) / mean_norm_h, or 1 with
 --no-normalize): l0, fvu, cos_sim and l2_ratio are scale-invariant; mse is in scaled units (divide
@@ -45,6 +49,7 @@ from shared.lock import exclusive
 from shared.storage import location
 from shared.store import Store, open_store
 from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup, ShardedBatch, TrainProgress
+from train_sae.training import memory
 from train_sae.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from train_sae.training.config import ALL_HOOKS, MemberConfig, TrainConfig
 from train_sae.training.loader import ActivationLoader
@@ -228,6 +233,8 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
     members = [Member(members_cfg[i], plan.dims, plan.total_steps, cfg.seed, plan.device,
                       cfg.diverge_factor, placement.batch, cfg.step_options())
                for i in placement.trains]  # builds (and validates) every model before writing
+    read = [h for h in plan.dims if any(h in m.hooks or h in m.cfg.outputs for m in members)]
+    check_memory(cfg, plan, placement, members, read, world)  # refused before writing
     sweep_doc = sweep_description(cfg, plan.hooks, plan.dims, plan.store.manifest,
                                   plan.total_steps, members_cfg)
     world.agree()  # every rank built its members: now rank 0 may write
@@ -241,7 +248,6 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
     if placement.writes:
         open_member_logs(out, members, ckpt, plan, start)
 
-    read = [h for h in plan.dims if any(h in m.hooks or h in m.cfg.outputs for m in members)]
     # a data-parallel rank reads only its share of each batch's rows
     loader = ActivationLoader(plan.store, read, cfg.batch_size, plan.total_steps, seed=cfg.seed,
                               device=plan.device, start_batch=start, normalize=cfg.normalize,
@@ -274,6 +280,22 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
     if run.wandb:
         run.wandb.finish()
     return results
+
+
+def check_memory(cfg: TrainConfig, plan: Plan, placement: Placement, members: list[Member],
+                 read: list[str], world: World) -> None:
+    """Each rank estimates the peak memory of its members (train_sae/training/memory.py) and
+    refuses if it would not fit its device, with one line; the other ranks stop with it at
+    their next meeting point, with one line each. When every rank fits, rank 0 prints each
+    member's memory and every rank's peak against what its device has available."""
+    rows = len(range(cfg.batch_size)[placement.rows])
+    mine = memory.sweep_memory(members, rows, cfg.batch_size, {h: plan.dims[h] for h in read},
+                               plan.device, RESAMPLE_POOL_ROWS, plan.store.manifest.dtype,
+                               world.rank, total_rows=plan.total_steps * cfg.batch_size)
+    everyone = world.all_gather_object(mine)
+    memory.check_fits(mine)
+    if world.is_main and all(memory.fits(r) for r in everyone):
+        memory.print_lines(memory.describe(everyone))
 
 
 def open_sweep(out: Path, cfg: TrainConfig, doc: dict[str, Any], world: World
