@@ -193,9 +193,10 @@ class _Decode(torch.autograd.Function):
 def gather_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
                crow: torch.Tensor, cols: torch.Tensor) -> SparseActs:
     """The selected pre-activations as SparseActs, differentiable into x, W_enc and b_enc."""
-    acts = SparseActs(crow, cols, cols.new_empty(0, dtype=pre.dtype), tuple(pre.shape))
-    acts.vals = _GatherPre.apply(x, W_enc, b_enc, pre, acts)
-    return acts
+    # the autograd node keeps the pattern, not the object holding its own output (no cycle:
+    # each step's tensors are freed as soon as the step drops them)
+    pattern = SparseActs(crow, cols, cols.new_empty(0, dtype=pre.dtype), tuple(pre.shape))
+    return pattern.with_vals(_GatherPre.apply(x, W_enc, b_enc, pre, pattern))
 
 
 def fired_latents(acts: torch.Tensor | SparseActs) -> torch.Tensor:

@@ -169,8 +169,9 @@ class TopK:
         if n_dead == 0:
             return residual.new_zeros(())
         k_aux = min(self.k_aux, n_dead)
-        candidates = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        candidates = pre.masked_fill(~dead, 0).relu_()  # one [batch, d_sae] temporary
         crow, cols = sparse.topk_pattern(candidates, k_aux)
+        del candidates
         aux = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
         aux = aux.with_vals(torch.relu(aux.vals) * dead[cols])
         return self.aux_error(residual, aux, n_dead)

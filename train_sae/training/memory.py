@@ -36,10 +36,12 @@ out = B x d_out x 4, each phase counts the tensors alive at its peak:
   straight-through backward (`_JumpReLUFn`, `_window`) at 7; Gated at 6 (gate and magnitude,
   their ReLUs and products); BatchTopK adds a [B, d_sae] bool (1/4).
 - forward + backward of the sparse step (dictionaries/sparse.py): no [B, d_sae] graph, but its
-  AuxK builds `where(dead, relu(pre), zeros_like(pre))` beside pre (4 x lat; 1 without dead
-  latents) while the kept pattern exists; then backward holds no [B, d_sae] tensor but every
-  pattern's sorts, gathers and CSR products, `NNZ_BYTES_SPARSE` per (row, latent) pair (k and
-  AuxK's k_aux per row), and weight-sized gradient products (2 x W_enc + W_dec).
+  AuxK builds its candidates `pre.masked_fill(~dead, 0).relu_()` beside pre (pre being the kept
+  scratch buffer; measured 2 x lat at the peak, BatchTopK 2.75 with its ReLU(pre) and masks for
+  the batch-wide selection) while the kept pattern exists; then backward holds no [B, d_sae]
+  tensor but every pattern's sorts, gathers and CSR products, `NNZ_BYTES_SPARSE` per (row,
+  latent) pair (k and AuxK's k_aux per row), and the second pattern's weight-sized gradient
+  products (W_enc + W_dec), summed into the first's.
 - the optimizer (`before_optimizer_step`, Adam): the acts and prediction are still alive, plus
   a unit-norm decoder's 2 x W_dec of temporaries (common.py `UnitNormDecoder`) or Adam's, from
   the member's optimizer: none for the fused kernel, sqrt(exp_avg_sq) of every parameter for
@@ -90,7 +92,7 @@ SHOW_LARGEST = 5
 
 # [B, d_sae] float32 tensors alive at the peak of forward + backward, by sparsity (see above)
 LATENT_DENSE = {"relu": 3.25, "topk": 7.0, "batchtopk": 7.25, "jumprelu": 7.0, "gated": 6.0}
-LATENT_SPARSE = {"topk": 4.0, "batchtopk": 4.0}
+LATENT_SPARSE = {"topk": 2.0, "batchtopk": 2.75}
 LATENT_UNKNOWN = 8.0  # a sparsity not measured here: above every measured one
 # [B, d_out] tensors then: the prediction, its error and square (mse) and their gradients; the
 # TopK family's AuxK adds the residual, the aux prediction and its error
@@ -101,18 +103,17 @@ MATRYOSHKA_OUT = 1.25  # per inner prefix (matryoshka.py): its prediction and er
 IN_CENTRED = 1.0
 IN_CONCAT = 1.0
 # weight-sized gradient temporaries of backward: a second gradient of W_dec (the main and the
-# AuxK decode, Matryoshka's prefixes) summed into the first; the sparse step's
-# W_enc gradients come as [d_sae, d_in] products copied into W_enc's layout, one per gathered
-# pattern (main and AuxK), and its W_dec gradients one per decode
-WEIGHT_TEMPS = {"dense": ("W_dec",), "sparse": ("W_enc", "W_enc", "W_dec")}
+# AuxK decode, Matryoshka's prefixes) summed into the first; the sparse step's W_enc and W_dec
+# gradients come as [d_sae, d] products (in W_enc's own layout), the AuxK pattern's summed into
+# the main one's
+WEIGHT_TEMPS = {"dense": ("W_dec",), "sparse": ("W_enc", "W_dec")}
 LATENT_SAVED = 4.0  # [B, d_sae] tensors autograd saved, alive then (TopK with AuxK: 4)
 # per selected (row, latent) pair: the sparse step's pattern work (measured 125-140 bytes on the
 # CPU), or the dense step's topk values and indices
 NNZ_BYTES_SPARSE = 128
 NNZ_BYTES_DENSE = 12
 # what a sparse pattern keeps through the rest of the step (cols, rows, the transposed order and
-# rows in int64, the values); AuxK's lives until Python's cycle collector frees it (sparse.py
-# `gather_pre`: the pattern holds its values, whose autograd node holds the pattern)
+# rows in int64, the values)
 PATTERN_BYTES = 36
 METRIC_OUT = 4.0  # metrics: x - x_hat, its square, the cosine's products
 HALF_WEIGHT_COPIES = 0.5  # autocast's bf16/fp16 copies of the weights, per byte of weights
