@@ -105,10 +105,19 @@ class TopK:
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.select(torch.relu(pre))
+        return self.topk_relu(pre)
 
     def train_activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return self.select(torch.relu(pre))
+        return self.topk_relu(pre)
+
+    def topk_relu(self, pre: torch.Tensor) -> torch.Tensor:
+        """`select(ReLU(pre))` without a ReLU pass over [batch, d_sae]: ReLU is monotone, so the
+        k largest of ReLU(pre) are ReLU of the k largest of pre (the same values; only which of
+        several zeros is "kept" may differ)."""
+        groups = pre.reshape(pre.shape[0], self.topk_groups, -1)
+        top = groups.topk(self.cfg.k, dim=-1, sorted=False)
+        kept = torch.zeros_like(groups).scatter(-1, top.indices, torch.relu(top.values))
+        return kept.reshape(pre.shape)
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:
         """Sparsification of ReLU(pre) [batch, d_sae]: the k largest of each group."""
@@ -148,7 +157,9 @@ class TopK:
         if isinstance(step.acts, SparseActs):
             terms["aux"] = self.sparse_aux_loss(residual, *step.pre)
         else:
-            terms["aux"] = self.aux_loss(residual, torch.relu(step.pre), self.dead_mask())
+            dead = self.dead_mask()  # ReLU(pre) only when some latent is dead
+            terms["aux"] = self.aux_loss(residual, torch.relu(step.pre) if bool(dead.any())
+                                         else step.pre, dead)
         return terms
 
     def aux_loss(self, residual: torch.Tensor, pre_relu: torch.Tensor, dead: torch.Tensor
@@ -227,6 +238,9 @@ class BatchTopK(TopK):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * (pre > self.threshold)
+
+    def train_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.select(torch.relu(pre))
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:
         batch = self.batch_group  # type: ignore[attr-defined]
