@@ -311,3 +311,12 @@ def test_jumprelu_threshold_is_exp_log_threshold():
     sae = build_sae("jumprelu", 4, 8, {"init_threshold": 0.25}, 0)
     assert isinstance(sae, JumpReLUSAE)
     torch.testing.assert_close(sae.threshold, torch.full((8,), 0.25))
+
+
+@pytest.mark.parametrize("arch", SAE_ARCHS)
+def test_encode_is_per_token_whatever_the_leading_dims(arch):
+    """Eval splices [batch, ctx, d] activations: each token is encoded on its own."""
+    sae = perturbed(arch)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), sae.encode(x.reshape(15, 16)).reshape(3, 5, -1))

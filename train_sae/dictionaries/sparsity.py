@@ -114,7 +114,7 @@ class TopK:
         """`select(ReLU(pre))` without a ReLU pass over [batch, d_sae]: ReLU is monotone, so the
         k largest of ReLU(pre) are ReLU of the k largest of pre (the same values; only which of
         several zeros is "kept" may differ)."""
-        groups = pre.reshape(pre.shape[0], self.topk_groups, -1)
+        groups = pre.reshape(*pre.shape[:-1], self.topk_groups, -1)  # [..., groups, width]
         top = groups.topk(self.cfg.k, dim=-1, sorted=False)
         kept = torch.zeros_like(groups).scatter(-1, top.indices, torch.relu(top.values))
         return kept.reshape(pre.shape)
@@ -123,7 +123,7 @@ class TopK:
         """Sparsification of ReLU(pre) [batch, d_sae]: the k largest of each group."""
         if self.topk_groups == 1:
             return keep_topk(pre_relu, self.cfg.k)
-        groups = pre_relu.reshape(pre_relu.shape[0], self.topk_groups, -1)
+        groups = pre_relu.reshape(*pre_relu.shape[:-1], self.topk_groups, -1)
         return keep_topk(groups, self.cfg.k).reshape(pre_relu.shape)
 
     def dead_mask(self) -> torch.Tensor:
