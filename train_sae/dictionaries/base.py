@@ -309,11 +309,13 @@ class Dictionary(nn.Module):
         return torch.stack([b.norm(dim=1) for b in blocks], dim=1)
 
     # --- inference -------------------------------------------------------------------------
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder multiplies: x, or x - b_dec (`apply_b_dec_to_input`)."""
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, d_in] -> pre-activations [batch, d_sae]."""
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Inference-time sparsity: pre-activations -> latents (per token)."""

@@ -47,7 +47,7 @@ class GatedSAE(UnitNormDecoder, LinearSAE):
 
     def pre_acts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore
         """x [batch, d_in] -> (pi_gate, magnitude), both [batch, d_sae]."""
-        centred = x - self.b_dec if self.apply_b_dec_to_input else x
+        centred = self.encoder_input(x)
         pi_gate = centred @ self.W_enc + self.b_gate
         magnitude = torch.relu(centred @ (self.W_enc * self.r_mag.exp()) + self.b_mag)
         return pi_gate, magnitude

@@ -121,24 +121,18 @@ class TopK:
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:
         """Sparsification of ReLU(pre) [batch, d_sae]: the k largest of each group."""
-        if self.topk_groups == 1:
-            return keep_topk(pre_relu, self.cfg.k)
-        groups = pre_relu.reshape(*pre_relu.shape[:-1], self.topk_groups, -1)
-        return keep_topk(groups, self.cfg.k).reshape(pre_relu.shape)
+        return self.topk_relu(pre_relu)  # ReLU of non-negative values changes nothing
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold  # [d_sae] bool
 
     # --- the sparse step (train_sae/dictionaries/sparse.py) -----------------------------------
-    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.b_dec if self.apply_b_dec_to_input else x  # type: ignore[attr-defined]
-
     def sparse_pattern(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(crow, cols) of the latents this batch keeps, from the pre-activations."""
         return sparse.topk_pattern(pre, self.cfg.k, self.topk_groups)
 
     def sparse_step(self, x: torch.Tensor, target: torch.Tensor) -> StepTensors:
-        x_enc = self.encoder_input(x)
+        x_enc = self.encoder_input(x)  # type: ignore[attr-defined]
         with torch.no_grad():  # the one dense product; no [batch, d_sae] graph is kept
             W_enc, b_enc = self.W_enc, self.b_enc  # type: ignore[attr-defined]
             if torch.is_autocast_enabled(x.device.type):  # --precision: its own dtype
