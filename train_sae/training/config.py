@@ -105,10 +105,6 @@ class MemberConfig:
         return arch_class(self.arch).io_kind
 
     @property
-    def is_crosscoder(self) -> bool:
-        return self.io_kind == "crosscoder"
-
-    @property
     def resamples(self) -> bool:
         """Whether Anthropic resampling applies to its architecture."""
         return arch_class(self.arch).resamples
