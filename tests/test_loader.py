@@ -441,3 +441,41 @@ def test_16_bit_batches_shipped_raw_widen_to_the_same_floats(tmp_path: Path, dty
         for hook in ("a", "b"):
             assert r[hook].dtype == torch.float32 and torch.equal(h[hook], r[hook])
     assert torch.equal(host.batch(4, whole=True)["a"], raw.batch(4, whole=True)["a"])
+
+
+class RecordingMover:
+    """Stands in for the CUDA copy stream (`_CopyStream`) on the CPU: records when each batch's
+    copy is queued and when it is handed over."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def start(self, move):
+        batch = move()
+        self.events.append(("start", int(batch["h"][0, 0])))
+        return batch
+
+    def ready(self, batch):
+        self.events.append(("ready", int(batch["h"][0, 0])))
+        return batch
+
+
+def test_next_batch_is_copied_while_this_one_trains(id_store: Store, monkeypatch) -> None:
+    full = collect(ActivationLoader(id_store, ["h"], 100, 6, seed=2, normalize=False))
+    mover = RecordingMover()
+    monkeypatch.setattr(ActivationLoader, "_copy_stream", lambda self: mover)
+    loader = ActivationLoader(id_store, ["h"], 100, 6, seed=2, normalize=False)
+    got = []
+    for b in loader:
+        got.append(b)
+        if len(got) == 3:  # a consumer that stops and comes back gets the same batches
+            break
+    assert len(loader) == 3
+    got += collect(loader)
+    assert all(torch.equal(a["h"], b["h"]) for a, b in zip(full, got, strict=True))
+    first = [int(b["h"][0, 0]) for b in full]
+    # batch i + 1's copy is queued before batch i is handed over (to train on)
+    assert mover.events[:6] == [("start", first[0]), ("start", first[1]), ("ready", first[0]),
+                                ("start", first[2]), ("ready", first[1]), ("start", first[3])]
+    readies = [i for kind, i in mover.events if kind == "ready"]
+    assert readies == first

@@ -225,11 +225,11 @@ def test_the_fixes_name_the_sparse_step_when_a_dense_topk_step_dominates():
     assert not memory.fits(r)
     with pytest.raises(UserError) as e:
         memory.check_fits(r)
-    assert "--kernels sparse (the dense step of topk-w64, mostly [batch, width]" in str(e.value)
+    assert "--kernels torch (the dense step of topk-w64, mostly [batch, width]" in str(e.value)
     r.members = [fake("relu", 10**9)]
     with pytest.raises(UserError) as e:
         memory.check_fits(r)
-    assert "--kernels sparse" not in str(e.value)
+    assert "--kernels torch" not in str(e.value)
     memory.check_fits(SweepMemory("cpu", [fake("a", 10**9)], 0, 0, free=None))  # unknown: passes
 
 

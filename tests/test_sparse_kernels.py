@@ -96,12 +96,14 @@ def test_which_members_train_sparse():
     assert use_sparse_kernels("auto", SPARSE_MIN_WIDTH, 32)
     assert not use_sparse_kernels("auto", SPARSE_MIN_WIDTH // 2, 32)
     assert not use_sparse_kernels("auto", SPARSE_MIN_WIDTH, SPARSE_MIN_WIDTH // 2)  # k too large
-    assert use_sparse_kernels("sparse", 64, 32) and not use_sparse_kernels("dense", 2**20, 32)
+    assert use_sparse_kernels("torch", 64, 32) and not use_sparse_kernels("dense", 2**20, 32)
+    assert use_sparse_kernels("triton", 64, 32)
+    assert TrainConfig(store="s", out="o", kernels="sparse").kernels == "torch"  # older name
     clt = build("clt", IO.of({"a": 8, "b": 8}, {"c": 6, "d": 6}), 32, {"k": 2}, 0)
     relu = build_sae("relu", 8, 32, {}, 0)
     assert not clt.supports_sparse and not relu.supports_sparse  # they train dense
-    with pytest.raises(Exception, match="--kernels must be one of auto, sparse, dense"):
-        TrainConfig(store="s", out="o", kernels="triton")
+    with pytest.raises(Exception, match="--kernels must be one of auto, torch, triton, dense"):
+        TrainConfig(store="s", out="o", kernels="cuda")
 
 
 def test_a_sweep_trains_the_same_with_either_step(tmp_path, monkeypatch, capsys):
@@ -115,7 +117,7 @@ def test_a_sweep_trains_the_same_with_either_step(tmp_path, monkeypatch, capsys)
     x, _ = make_sparse_data(4096, 16, 32, 2, seed=0)
     write_synthetic_store(tmp_path / "store", x, chunk_rows=512)
     finals = {}
-    for kernels in ("sparse", "dense"):
+    for kernels in ("torch", "dense"):
         code, _, err = invoke(main, "train-sae", monkeypatch, capsys, "sweep", "--store",
                               tmp_path / "store", "--out", tmp_path / kernels, "--arch",
                               "topk,batchtopk", "--width", "64", "--k", "4", "--batch-size", "256",
@@ -128,4 +130,21 @@ def test_a_sweep_trains_the_same_with_either_step(tmp_path, monkeypatch, capsys)
                            for m in doc["members"]}
     for name, dense in finals["dense"].items():
         for key in ("fvu", "l0", "mse"):
-            assert finals["sparse"][name][key] == pytest.approx(dense[key], rel=1e-3, abs=1e-5)
+            assert finals["torch"][name][key] == pytest.approx(dense[key], rel=1e-3, abs=1e-5)
+
+
+def test_triton_kernels_where_they_cannot_run_are_refused(tmp_path, monkeypatch, capsys):
+    from conftest import invoke
+    from synthetic import make_sparse_data, write_synthetic_store
+
+    from train_sae.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, _ = make_sparse_data(1024, 16, 32, 2, seed=0)
+    write_synthetic_store(tmp_path / "store", x, chunk_rows=512)
+    code, _, err = invoke(main, "train-sae", monkeypatch, capsys, "sweep", "--store",
+                          tmp_path / "store", "--out", tmp_path / "out", "--arch", "topk",
+                          "--width", "64", "--k", "4", "--batch-size", "256", "--device", "cpu",
+                          "--kernels", "triton")
+    assert code == 2 and "--kernels triton needs" in err and "--kernels torch" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

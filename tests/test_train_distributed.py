@@ -128,7 +128,7 @@ def test_spread_sweep_is_byte_identical_to_one_process(store, tmp_path, monkeypa
     assert [line for line in lines if line.startswith("[default1]:")] == []
 
 
-@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+@pytest.mark.parametrize("kernels", ["dense", "torch"])
 def test_data_parallel_matches_one_process(store, tmp_path, monkeypatch, capsys, kernels):
     # AuxK with dead latents and its normalisation, BatchTopK's batch-wide budget and threshold,
     # relu resampling, a crosscoder: every statistic over the batch is reduced over the ranks

@@ -79,9 +79,15 @@ DataParallel = Annotated[bool, typer.Option(
          "every batch (gradients averaged), instead of spreading the members over the ranks; "
          "--batch-size must be divisible by the number of ranks")]
 Kernels = Annotated[str, typer.Option(
-    help="TopK-family training step: sparse (decode and gradients from the k selected latents "
-         "only), dense, or auto (sparse from width 512 on while k <= width / 16, where it is "
-         "faster)")]
+    help="TopK-family training step: torch (sparse: decode and gradients from the k selected "
+         "latents only, torch's CSR kernels), triton (the same with Triton kernels, CUDA), "
+         "dense, or auto (sparse from width 512 on while k <= width / 16, where it is faster; "
+         "triton on CUDA where it is installed)")]
+Stack = Annotated[str, typer.Option(
+    help="train members that differ only in optimizer settings (lr, betas, warm-up, decay, clip), "
+         "resampling and loss weights (l1/aux/l0 coefficients), and share arch, hooks, width and "
+         "every other option, as one batched module: on, off, or auto (on for CUDA devices; "
+         "same results as one by one)")]
 Precision = Annotated[str, typer.Option(
     help="dtype of the dictionaries' matmuls: fp32, bf16 or fp16 (autocast; weights, Adam "
          "state and losses stay fp32; fp16 with loss scaling)")]
@@ -137,7 +143,7 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
            hook: list[str] | None, out_hook: list[str] | None, tokens: str | None,
            batch_size: str, device: str, seed: int, resume: bool, overwrite: bool,
            checkpoint_every: str, log_every: str, wandb_project: str | None, normalize: bool,
-           data_parallel: bool, kernels: str, precision: str, config: Path | None,
+           data_parallel: bool, kernels: str, precision: str, stack: str, config: Path | None,
            arch: str | None,
            width: str | None,
            expansion: str | None, param: list[str] | None, resample_at: str | None,
@@ -154,7 +160,7 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
                       log_every=parse_count(log_every),
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize, data_parallel=data_parallel, kernels=kernels,
-                      precision=precision, storage_options=options)
+                      precision=precision, stack=stack, storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
     values = {name: parse_values(name, v) for name, v in flags.items() if v is not None}
     for item in param or []:
@@ -221,14 +227,14 @@ def _train_command(single: bool):
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = "0",
         log_every: LogEvery = "100", wandb_project: Wandb = None, normalize: Normalize = True,
         data_parallel: DataParallel = False, kernels: Kernels = "auto",
-        precision: Precision = "fp32", config: Config = None,
+        precision: Precision = "fp32", stack: Stack = "auto", config: Config = None,
         arch: Arch = None,
         width: Width = None, expansion: Expansion = None, resample_at: ResampleAt = None,
         param: Param = None, **flags: str | None,
     ) -> None:
         _train(single, store, storage_option, out, hook, out_hook, tokens, batch_size, device,
                seed, resume, overwrite, checkpoint_every, log_every, wandb_project, normalize,
-               data_parallel, kernels, precision, config, arch, width, expansion, param,
+               data_parallel, kernels, precision, stack, config, arch, width, expansion, param,
                resample_at, flags)
 
     return with_params(command)

@@ -263,6 +263,10 @@ class Dictionary(nn.Module):
     has_sparse_step: bool = False
     linear_shape: bool = True
     sparse_kernels: bool = False
+    sparse_backend: str = "torch"  # whose kernels run the sparse step: torch's CSR ops or triton
+    # whether members of this class may train stacked, with a leading member dimension on every
+    # parameter and buffer (train_sae/training/stack.py): its dense step broadcasts over it
+    stackable: bool = False
 
     @property
     def supports_sparse(self) -> bool:
@@ -311,11 +315,11 @@ class Dictionary(nn.Module):
     # --- inference -------------------------------------------------------------------------
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the encoder multiplies: x, or x - b_dec (`apply_b_dec_to_input`)."""
-        return x - self.b_dec if self.apply_b_dec_to_input else x
+        return x - self.b_dec.unsqueeze(-2) if self.apply_b_dec_to_input else x
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x [batch, d_in] -> pre-activations [batch, d_sae]."""
-        return self.encoder_input(x) @ self.W_enc + self.b_enc
+        return self.encoder_input(x) @ self.W_enc + self.b_enc.unsqueeze(-2)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Inference-time sparsity: pre-activations -> latents (per token)."""
@@ -337,7 +341,7 @@ class Dictionary(nn.Module):
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """y_hat = acts @ W_dec + b_dec (a skip transcoder also adds x @ W_skip)."""
-        return self.decode_latents(acts) + self.b_dec
+        return self.decode_latents(acts) + self.b_dec.unsqueeze(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x), x)
@@ -357,7 +361,7 @@ class Dictionary(nn.Module):
         step.y_hat = step.y_hat.float()
         with torch.autocast(x.device.type, enabled=False):  # losses in fp32 under --precision
             terms = self.loss_terms(step)
-        loss = sum(self.coefficient_at(name, progress) * t for name, t in terms.items())
+        loss = sum(_weighted(self.coefficient_at(name, progress), t) for name, t in terms.items())
         self.after_forward(step)
         parts = {name: t.detach() for name, t in terms.items()}
         return TrainOutput(loss, step.y_hat, step.acts, parts)  # type: ignore[arg-type]
@@ -461,9 +465,18 @@ class Dictionary(nn.Module):
 SAE = Dictionary  # what the single-hook code paths call it
 
 
+def _weighted(weight: float | torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """weight * term; stacked members' [M] weights (float64, as a Python float is) are rounded
+    to the term's dtype first, as a Python float is, so a stacked member's loss has its bytes."""
+    if isinstance(weight, torch.Tensor):
+        weight = weight.to(term.dtype)
+    return weight * term
+
+
 def mse_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over the features, averaged over the batch (SAELens' convention)."""
-    return (x_hat - x).pow(2).sum(dim=-1).mean()
+    """Squared error summed over the features, averaged over the batch (SAELens' convention):
+    [batch, d] -> [] (stacked members [M, batch, d] -> [M])."""
+    return (x_hat - x).pow(2).sum(dim=-1).mean(dim=-1)
 
 
 def _concat(batch: dict[str, torch.Tensor], hooks: tuple[tuple[str, int], ...], role: str

@@ -20,3 +20,4 @@ class ReluSAE(ReluL1, UnitNormDecoder, LinearSAE):
     saelens_architecture = "standard"
     Config = ReluL1Config
     resamples = True  # Anthropic resampling applies (train_sae/training/resampling.py)
+    stackable = True  # its dense step (train_sae/training/stack.py)

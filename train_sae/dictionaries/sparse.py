@@ -15,7 +15,8 @@ so a step costs the encoder's forward product plus O(nnz x d), against the dense
 products of batch x d_sae x d (OpenAI's sparse_autoencoder kernels, Gao et al. 2024 sec. D.3,
 do the same on GPU). `pre` is computed without autograd (no [batch, d_sae] graph is kept); the
 two autograd functions below carry the sparse gradients. Both run on CPU and CUDA through
-torch's CSR kernels (`torch.sparse.mm`, `torch.sparse.sampled_addmm`).
+torch's CSR kernels (`torch.sparse.mm`, `torch.sparse.sampled_addmm`), or on CUDA through the
+Triton kernels of train_sae/dictionaries/triton_kernels.py (`--kernels triton`; SparseActs.backend).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+
+from train_sae.dictionaries import triton_kernels
 
 # torch warns once that its CSR tensors are "beta"; the kernels used here are checked against the
 # dense step in tests/test_sparse_kernels.py
@@ -39,6 +42,7 @@ class SparseActs:
     cols: torch.Tensor  # [nnz] int64
     vals: torch.Tensor  # [nnz]
     shape: tuple[int, int]  # (batch, d_sae)
+    backend: str = "torch"  # whose kernels run its products: torch's CSR ops, or "triton"
 
     def __post_init__(self) -> None:
         counts = self.crow[1:] - self.crow[:-1]
@@ -88,15 +92,20 @@ class SparseActs:
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
         """The [d_sae, batch] CSR matrix of the transposed pattern with `values` [nnz] (given in
         row order)."""
+        order, crow = self.transposed()
+        return torch.sparse_csr_tensor(crow, self._transposed["rows"], values[order],
+                                       (self.shape[1], self.shape[0]), check_invariants=False)
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, crow) of the pattern sorted by latent: entry order[j] is the j-th, latent
+        l's entries are crow[l]:crow[l + 1] of that order (built once per step)."""
         t = self._transposed
         if not t:
             t["order"] = torch.argsort(self.cols, stable=True)
             t["crow"] = torch.zeros(self.shape[1] + 1, dtype=torch.long, device=self.cols.device)
             t["crow"][1:] = torch.bincount(self.cols, minlength=self.shape[1]).cumsum(0)
             t["rows"] = self.rows[t["order"]]
-        order, crow = t["order"], t["crow"]
-        return torch.sparse_csr_tensor(crow, t["rows"], values[order],
-                                       (self.shape[1], self.shape[0]), check_invariants=False)
+        return t["order"], t["crow"]
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -152,14 +161,21 @@ class _GatherPre(torch.autograd.Function):
         acts: SparseActs = ctx.acts
         g = g.to(W_enc.dtype)  # the selected pre-activations may be bf16 under autocast
         grad_x = grad_W = grad_b = None
+        triton = acts.backend == "triton"
         if ctx.needs_input_grad[1]:  # [d_sae, d_in] = G^T x, seen as W_enc's [d_in, d_sae]
-            grad_W = (acts.csr_t(g) @ x).t()
-            if grad_W.stride() != W_enc.stride():  # autograd would copy it into W_enc's layout
-                grad_W = grad_W.contiguous()
+            if triton:  # written straight into W_enc's layout
+                grad_W = torch.empty_like(W_enc)
+                triton_kernels.spmm_t(acts.rows, acts.cols, g, x, acts.shape[1],
+                                      transposed=acts.transposed(), out=grad_W.t())
+            else:
+                grad_W = (acts.csr_t(g) @ x).t()
+                if grad_W.stride() != W_enc.stride():  # autograd would copy it into that layout
+                    grad_W = grad_W.contiguous()
         if ctx.needs_input_grad[2]:
             grad_b = torch.bincount(acts.cols, weights=g, minlength=acts.shape[1]).to(g.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (acts.csr(g) @ W_enc.t()).to(x.dtype)
+            grad_x = (triton_kernels.spmm(acts.crow, acts.cols, g, W_enc.t()) if triton
+                      else acts.csr(g) @ W_enc.t()).to(x.dtype)
         return grad_x, grad_W, grad_b, None, None
 
 
@@ -173,6 +189,8 @@ class _Decode(torch.autograd.Function):
         # the CSR products run in the decoder's dtype (fp32 master weights under --precision:
         # autocast does not cover sparse ops; the encoder's dense product is the one it speeds up)
         with torch.autocast(W_dec.device.type, enabled=False):
+            if acts.backend == "triton":
+                return triton_kernels.spmm(acts.crow, acts.cols, vals.to(W_dec.dtype), W_dec)
             return acts.csr(vals.to(W_dec.dtype)) @ W_dec
 
     @staticmethod
@@ -181,21 +199,31 @@ class _Decode(torch.autograd.Function):
         acts: SparseActs = ctx.acts
         g = g.to(W_dec.dtype)
         grad_vals = grad_W = None
+        triton = acts.backend == "triton"
         if ctx.needs_input_grad[0]:  # <g[row], W_dec[col]> at every selected pair (SDDMM)
-            pattern = acts.csr(torch.zeros(vals.shape, dtype=W_dec.dtype, device=vals.device))
-            grad_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=0.0).values()
+            if triton:
+                grad_vals = triton_kernels.sddmm(acts.rows, acts.cols, g, W_dec)
+            else:
+                pattern = acts.csr(torch.zeros(vals.shape, dtype=W_dec.dtype, device=vals.device))
+                grad_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=0.0).values()
             grad_vals = grad_vals.to(vals.dtype)
         if ctx.needs_input_grad[1]:
-            grad_W = acts.csr_t(vals.to(W_dec.dtype)) @ g
+            if triton:
+                grad_W = triton_kernels.spmm_t(acts.rows, acts.cols, vals.to(W_dec.dtype), g,
+                                               acts.shape[1], transposed=acts.transposed())
+            else:
+                grad_W = acts.csr_t(vals.to(W_dec.dtype)) @ g
         return grad_vals, grad_W, None
 
 
 def gather_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, pre: torch.Tensor,
-               crow: torch.Tensor, cols: torch.Tensor) -> SparseActs:
-    """The selected pre-activations as SparseActs, differentiable into x, W_enc and b_enc."""
+               crow: torch.Tensor, cols: torch.Tensor, backend: str = "torch") -> SparseActs:
+    """The selected pre-activations as SparseActs, differentiable into x, W_enc and b_enc;
+    `backend`: whose kernels run the products (torch, or triton)."""
     # the autograd node keeps the pattern, not the object holding its own output (no cycle:
     # each step's tensors are freed as soon as the step drops them)
-    pattern = SparseActs(crow, cols, cols.new_empty(0, dtype=pre.dtype), tuple(pre.shape))
+    pattern = SparseActs(crow, cols, cols.new_empty(0, dtype=pre.dtype), tuple(pre.shape),
+                         backend)
     return pattern.with_vals(_GatherPre.apply(x, W_enc, b_enc, pre, pattern))
 
 
@@ -203,7 +231,7 @@ def fired_latents(acts: torch.Tensor | SparseActs) -> torch.Tensor:
     """[d_sae] bool: the latents non-zero on some row of this batch share."""
     if isinstance(acts, SparseActs):
         return acts.firing_counts() > 0
-    return (acts != 0).any(dim=0)
+    return (acts != 0).any(dim=-2)  # over the rows (of each member, stacked)
 
 
 def decode(acts: SparseActs, W_dec: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,8 @@ class ReluL1:
     def loss_terms(self, step: StepTensors) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(step)  # type: ignore[misc]
         weights = self.latent_weights()  # type: ignore[attr-defined]
-        acts = step.acts if weights is None else step.acts * weights
-        terms["l1"] = acts.sum(dim=-1).mean()  # acts >= 0: their L1 norm
+        acts = step.acts if weights is None else step.acts * weights.unsqueeze(-2)
+        terms["l1"] = acts.sum(dim=-1).mean(dim=-1)  # acts >= 0: their L1 norm
         return terms
 
 
@@ -141,7 +141,8 @@ class TopK:
                 buf = sparse.scratch((x.shape[0], self.d_sae), W_enc.dtype, W_enc.device)
                 pre = torch.addmm(b_enc, x_enc, W_enc, out=buf)
         crow, cols = self.sparse_pattern(pre)
-        acts = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
+        acts = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols,  # type: ignore
+                                 self.sparse_backend)  # type: ignore[attr-defined]
         acts = acts.with_vals(torch.relu(acts.vals))
         return StepTensors(x, target, (pre, x_enc), acts, self.decode(acts, x))  # type: ignore
 
@@ -158,38 +159,42 @@ class TopK:
 
     def aux_loss(self, residual: torch.Tensor, pre_relu: torch.Tensor, dead: torch.Tensor
                  ) -> torch.Tensor:
-        """AuxK: dead latents' top-k_aux acts predict the detached residual [batch, d_out]."""
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return residual.new_zeros(())
-        k_aux = min(self.k_aux, n_dead)
-        aux_acts = keep_topk(pre_relu * dead, k_aux)  # [batch, d_sae], only dead latents
+        """AuxK: dead latents' top-k_aux acts predict the detached residual [batch, d_out].
+        Stacked members ([M, ...], train_sae/training/stack.py) each count their own dead
+        latents; one with fewer than k_aux keeps zeros beyond them, which decode to nothing."""
+        n_dead = dead.sum(dim=-1)  # [] (or [M])
+        if not bool(n_dead.any()):
+            return residual.new_zeros(n_dead.shape)
+        k_aux = min(self.k_aux, int(n_dead.max()))
+        aux_acts = keep_topk(pre_relu * dead.unsqueeze(-2), k_aux)  # only dead latents
         return self.aux_error(residual, aux_acts, n_dead)
 
     def sparse_aux_loss(self, residual: torch.Tensor, pre: torch.Tensor, x_enc: torch.Tensor
                         ) -> torch.Tensor:
         """AuxK of the sparse step: the same loss from the dead latents' top k_aux entries."""
         dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        n_dead = dead.sum()
+        if int(n_dead) == 0:
             return residual.new_zeros(())
-        k_aux = min(self.k_aux, n_dead)
+        k_aux = min(self.k_aux, int(n_dead))
         candidates = pre.masked_fill(~dead, 0).relu_()  # one [batch, d_sae] temporary
         crow, cols = sparse.topk_pattern(candidates, k_aux)
         del candidates
-        aux = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols)  # type: ignore
+        aux = sparse.gather_pre(x_enc, self.W_enc, self.b_enc, pre, crow, cols,  # type: ignore
+                                self.sparse_backend)  # type: ignore[attr-defined]
         aux = aux.with_vals(torch.relu(aux.vals) * dead[cols])
         return self.aux_error(residual, aux, n_dead)
 
     def aux_error(self, residual: torch.Tensor, aux_acts: torch.Tensor | SparseActs,
-                  n_dead: int) -> torch.Tensor:
+                  n_dead: torch.Tensor) -> torch.Tensor:
         target = residual.detach()
-        err = (self.decode_latents(aux_acts) - target).pow(2).sum(dim=-1).mean()  # type: ignore
+        err = (self.decode_latents(aux_acts) - target).pow(2).sum(dim=-1).mean(dim=-1)  # type: ignore
         if self.cfg.aux_normalize:  # the variance of the whole batch's residual
             batch = self.batch_group  # type: ignore[attr-defined]
             variance = batch.mean((target - batch.mean(target)).pow(2).sum(dim=-1))
             err = err / variance.clamp_min(1e-12)
-        return min(n_dead / self.k_aux, 1.0) * err
+        # min(n_dead / k_aux, 1), divided in float64 as the Python scalar it used to be
+        return (n_dead.double() / self.k_aux).clamp(max=1.0).to(err.dtype) * err
 
     def after_forward(self, step: StepTensors) -> None:
         super().after_forward(step)  # type: ignore[misc]
@@ -199,7 +204,7 @@ class TopK:
     def record_firing(self, acts: torch.Tensor | SparseActs) -> None:
         batch = self.batch_group  # type: ignore[attr-defined]
         fired = batch.any(sparse.fired_latents(acts))  # [d_sae], anywhere in the batch
-        self.tokens_since_fired += batch.rows(acts.shape[0])
+        self.tokens_since_fired += batch.rows(acts.shape[-2])
         self.tokens_since_fired[fired] = 0
 
     def saelens_cfg(self) -> dict:

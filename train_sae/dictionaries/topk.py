@@ -20,3 +20,4 @@ class TopKSAE(TopK, UnitNormDecoder, LinearSAE):
     arch = "topk"
     saelens_architecture = "topk"
     Config = TopKConfig
+    stackable = True  # its dense step (train_sae/training/stack.py)

@@ -22,7 +22,12 @@ OPTIM_KEYS = ("lr", "beta1", "beta2", "lr_warmup_steps", "lr_decay_frac", "grad_
 DEFAULT_RESAMPLE_AT = (0.25, 0.5, 0.75)
 # `--hook all`: every hook of the store
 ALL_HOOKS = "all"
-KERNELS = ("auto", "sparse", "dense")
+# --kernels: the TopK-family step's kernels; "sparse" is the older name of "torch"
+KERNELS = ("auto", "torch", "triton", "dense")
+KERNEL_ALIASES = {"sparse": "torch"}
+# --stack: train members that differ only in optimizer settings and loss weights as one batched
+# module (train_sae/training/stack.py); auto: where that is faster
+STACKING = ("auto", "on", "off")
 # --precision: the dtype of the dictionaries' matmuls (weights, Adam state and losses stay fp32)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --kernels auto: the sparse step from this width on, while k is at most this share of it: where
@@ -36,8 +41,27 @@ SPARSE_MAX_K_SHARE = 1 / 16
 def use_sparse_kernels(kernels: str, width: int, k: int | None) -> bool:
     """Whether a member of this width and k trains with the sparse step (if it has one)."""
     if kernels != "auto":
-        return kernels == "sparse"
+        return kernels in ("torch", "triton")
     return width >= SPARSE_MIN_WIDTH and (k is None or k <= SPARSE_MAX_K_SHARE * width)
+
+
+def sparse_backend(kernels: str, device: str) -> str:
+    """Whose kernels run the sparse step: triton when asked (or, with auto, on CUDA where triton
+    is installed), else torch's CSR ops. `--kernels triton` where it cannot run is refused."""
+    from train_sae.dictionaries import triton_kernels
+
+    on_cuda = torch.device(device).type == "cuda"
+    if kernels == "triton":
+        reason = triton_kernels.unavailable_reason()
+        if reason is None and not on_cuda and not triton_kernels.interpreting():
+            reason = (f"--kernels triton runs on CUDA devices, not {device}; use --kernels "
+                      "torch")
+        if reason is not None:
+            fail(reason)
+        return "triton"
+    if kernels == "auto" and on_cuda and triton_kernels.available():
+        return "triton"
+    return "torch"
 
 
 @dataclass(frozen=True)
@@ -173,6 +197,8 @@ class TrainConfig:
     kernels: str = "auto"
     # matmuls under autocast in bf16 / fp16 (fp16 with loss scaling), master weights fp32
     precision: str = "fp32"
+    # members that differ only in optimizer settings and loss weights as one batched module
+    stack: str = "auto"
     # under torchrun: train every member on every rank, each rank on its share of every batch
     # (gradients averaged), instead of spreading the members over the ranks
     data_parallel: bool = False
@@ -184,10 +210,13 @@ class TrainConfig:
             fail(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.tokens is not None and self.tokens < self.batch_size:
             fail(f"--tokens ({self.tokens}) must be at least one batch (--batch-size {self.batch_size})")
+        object.__setattr__(self, "kernels", KERNEL_ALIASES.get(self.kernels, self.kernels))
         if self.kernels not in KERNELS:
             fail(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.precision not in PRECISIONS:
             fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.stack not in STACKING:
+            fail(f"--stack must be one of {', '.join(STACKING)}, got {self.stack!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             fail(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.checkpoint_every < 0:

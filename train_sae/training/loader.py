@@ -23,7 +23,7 @@ import math
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -333,16 +333,10 @@ class ActivationLoader:
         )
         self._stops.append(stop)
         thread.start()
+        mover = self._copy_stream()
         try:
-            for i in range(first, self.n_batches):
-                item = _get(handoff, stop, thread)
-                if item is None:  # close() was called
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                item = self._to_device(item)
-                self._next = i + 1
-                yield item
+            yield from self._handed_over(range(first, self.n_batches), handoff, stop, thread,
+                                         mover)
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue, then wait
@@ -352,6 +346,35 @@ class ActivationLoader:
                     pass
             thread.join()
             self._stops.remove(stop)
+
+    def _copy_stream(self) -> _CopyStream | None:
+        return _CopyStream(self.device) if self.device.type == "cuda" else None
+
+    def _handed_over(self, batches: range, handoff: queue.Queue, stop: threading.Event,
+                     thread: threading.Thread, mover: _CopyStream | None
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+        """The producer's batches on the device, in order. With a copy stream (CUDA), batch
+        i + 1's host-to-device copy (and widening) is queued on it before batch i is handed
+        over, so it runs while the GPU computes on batch i."""
+        pending = None  # (index, batch being copied on the copy stream)
+        for i in batches:
+            item = _get(handoff, stop, thread)
+            if item is None:  # close() was called
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            if mover is None:
+                self._next = i + 1
+                yield self._to_device(item)
+                continue
+            moving = (i, mover.start(lambda item=item: self._to_device(item)))
+            if pending is not None:
+                self._next = pending[0] + 1
+                yield mover.ready(pending[1])
+            pending = moving
+        if pending is not None and mover is not None:
+            self._next = pending[0] + 1
+            yield mover.ready(pending[1])
 
     def close(self) -> None:
         """Ask every running producer thread of this loader to stop."""
@@ -433,6 +456,30 @@ class ActivationLoader:
             _put(handoff, _Failure(e), stop)
         finally:
             reader.close()
+
+
+class _CopyStream:
+    """Host-to-device copies on a CUDA stream of their own, so that they overlap the compute on
+    the current stream (the batches come from pinned memory, so the copies are asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.device = device
+
+    def start(self, move: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Queue `move()` (the copies and the widening of one batch) on the copy stream."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # its memory is free
+        with torch.cuda.stream(self.stream):
+            return move()
+
+    def ready(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch, usable on the current stream: it waits for the copies, and the caching
+        allocator is told the batch is used there (so its memory is not reused too early)."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for x in batch.values():
+            x.record_stream(current)
+        return batch
 
 
 def _rows_of(segments: list[Segment], lo: int, hi: int) -> list[Segment]:

@@ -23,9 +23,21 @@ from typing import Any
 import torch
 
 from train_sae.dictionaries import IO, build
-from train_sae.dictionaries.base import WHOLE_BATCH, BatchGroup, Dictionary, TrainProgress
+from train_sae.dictionaries.base import (
+    WHOLE_BATCH,
+    BatchGroup,
+    Dictionary,
+    TrainOutput,
+    TrainProgress,
+)
 from train_sae.evaluation.metrics import FeatureDensity, firing_counts, metric_tensors
-from train_sae.training.config import PRECISIONS, MemberConfig, StepOptions, use_sparse_kernels
+from train_sae.training.config import (
+    PRECISIONS,
+    MemberConfig,
+    StepOptions,
+    sparse_backend,
+    use_sparse_kernels,
+)
 from train_sae.training.metrics_log import MetricsLog
 from train_sae.training.resampling import BatchPool, resample_dead
 from train_sae.training.schedules import LRSchedule
@@ -64,6 +76,8 @@ class Member:
         self.batch = self.sae.batch_group = batch_group  # who holds each batch's rows
         self.sae.sparse_kernels = self.sae.supports_sparse and use_sparse_kernels(
             options.kernels, cfg.d_sae, getattr(cfg.params, "k", None))
+        if self.sae.sparse_kernels:
+            self.sae.sparse_backend = sparse_backend(options.kernels, device)
         # --precision: the forward's matmuls under autocast; fp16 scales the loss so that small
         # gradients survive (torch.amp.GradScaler), then unscales before clipping and Adam
         self.device_type = torch.device(device).type
@@ -98,27 +112,47 @@ class Member:
         self.resampled = 0
         self.log: MetricsLog | None = None
         self.relative_norms: dict[str, Any] | None = None  # two-hook crosscoders, once saved
+        self.lr = o.lr  # this step's, from the schedule
 
     # --- one training step ------------------------------------------------------------------
+    # `step` is the four phases below in order; a stack of members (train_sae/training/stack.py)
+    # runs `begin_step` and `apply_gradients` / `record` per member around one batched forward
+    # and backward.
     def step(self, batch: dict[str, torch.Tensor], step: int, progress: TrainProgress,
              pools: dict[str, BatchPool], log: bool) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """Train on this step's batch (this process's rows of it; `pools` hold whole batches).
         Returns the whole batch's detached loss and, when `log`, the metrics record (built here
         so no member's activations outlive its step)."""
+        x, y = self.begin_step(batch, step, pools)
+        with self.autocast_context():
+            out = self.sae.training_forward(x, progress, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        loss = self.apply_gradients(out.loss)
+        return loss, self.record(out, y, step, loss, log)
+
+    def begin_step(self, batch: dict[str, torch.Tensor], step: int, pools: dict[str, BatchPool]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resample dead latents if due and set the step's LR; returns (inputs, targets)."""
         x = self.sae.inputs(batch)
         y = x if self.cfg.outputs == self.hooks else self.sae.targets(batch)
         if step in self.resample_steps and self.hooks[0] in pools:
             self.resampled += resample_dead(self.sae, self.opt, self.dead_density.dead_mask(),
                                             pools[self.hooks[0]].rows(), self.rng)
-        lr = self.schedule.lr(step)
+        self.lr = self.schedule.lr(step)
         for group in self.opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(self.device_type, dtype=self.autocast,
-                            enabled=self.autocast != torch.float32):
-            out = self.sae.training_forward(x, progress, y)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
-        loss = self.batch.reduce_gradients(self.sae.parameters(), out.loss.detach())
+            group["lr"] = self.lr
+        return x, y
+
+    def autocast_context(self) -> torch.autocast:
+        """--precision: the forward's matmuls in bf16 / fp16 (a no-op in fp32)."""
+        return torch.autocast(self.device_type, dtype=self.autocast,
+                              enabled=self.autocast != torch.float32)
+
+    def apply_gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """The optimizer step from the gradients backward() left; returns the whole batch's
+        detached loss (averaged over data-parallel ranks)."""
+        loss = self.batch.reduce_gradients(self.sae.parameters(), loss.detach())
         # after the reduction, so that every data-parallel rank sees the same overflow
         self.scaler.unscale_(self.opt)  # a no-op unless fp16
         self.sae.before_optimizer_step()
@@ -127,6 +161,11 @@ class Member:
         self.scaler.step(self.opt)  # skipped when fp16 gradients overflowed
         self.scaler.update()
         self.sae.after_optimizer_step()
+        return loss
+
+    def record(self, out: TrainOutput, y: torch.Tensor, step: int, loss: torch.Tensor, log: bool
+               ) -> dict[str, Any] | None:
+        """Firing densities and final-window sums of this step; at a log step, its record."""
         in_final = step >= self.final_start
         metrics = None
         with torch.no_grad():
@@ -146,8 +185,8 @@ class Member:
                     self.final_sums[k] = self.final_sums.get(k, 0.0) + v.double()
                 self.final_steps += 1
         if not log:
-            return loss, None
-        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * n_rows, "lr": lr,
+            return None
+        rec: dict[str, Any] = {"step": step + 1, "tokens": (step + 1) * n_rows, "lr": self.lr,
                                "loss": float(loss)}
         rec.update({k: float(v) for k, v in self.batch.average(out.parts).items()})
         rec.update({k: float(v) for k, v in metrics.items()})  # type: ignore[union-attr]
@@ -157,7 +196,7 @@ class Member:
         self.log_density.reset()
         if self.resample_steps:
             rec["resampled_total"] = self.resampled
-        return loss, rec
+        return rec
 
     def check(self, loss: float, step: int) -> None:
         """Mark the member failed on a non-finite or diverging loss."""

@@ -73,7 +73,7 @@ import inspect
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ class MemberMemory:
     step: int  # the peak of one training step on top of what it holds
     kind: str  # "dense" or "sparse" step
     counters: int = 0  # its firing counters (member.py FeatureDensity x 3)
-    sparse_possible: bool = False  # a dense step that --kernels sparse would make sparse
+    sparse_possible: bool = False  # a dense step that --kernels torch would make sparse
     scratch: int = 0  # the sparse step's [B, d_sae] buffer, kept between steps (sparse.py)
 
     @property
@@ -249,6 +249,8 @@ class SweepMemory:
     host_free: int | None = None  # CUDA: available host memory now
     rank: int = 0
     share: int = 1  # ranks on this machine: the host memory above is this rank's 1/share of it
+    # members that step together (--stack, train_sae/training/stack.py): their steps' peaks add
+    stacks: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def held(self) -> int:
@@ -258,8 +260,11 @@ class SweepMemory:
     def step(self) -> int:
         """The largest step, with the sparse step's buffer kept beside a dense member's."""
         scratch = max((m.scratch for m in self.members), default=0)
-        return max((m.step + (0 if m.kind == "sparse" else scratch) for m in self.members),
-                   default=0)
+        peaks = {m.name: m.step + (0 if m.kind == "sparse" else scratch) for m in self.members}
+        for names in self.stacks:  # one joint forward and backward: all of theirs at once
+            joint = sum(peaks.pop(n) for n in names if n in peaks)
+            peaks[" + ".join(names)] = joint
+        return max(peaks.values(), default=0)
 
     @property
     def total(self) -> int:
@@ -279,7 +284,8 @@ class SweepMemory:
 
 def sweep_memory(members: Sequence[Any], rows: int, batch_size: int, widths: dict[str, int],
                  device: str, pool_rows: int, store_dtype: str = "float32", rank: int = 0,
-                 total_rows: int | None = None) -> SweepMemory:
+                 total_rows: int | None = None, stacks: Sequence[tuple[str, ...]] = ()
+                 ) -> SweepMemory:
     """The memory of the members one rank trains (built `Member`s, member.py) with `rows` rows
     of each batch of `batch_size` on this rank; `widths`: the hooks its loader reads (hook ->
     width) from a store of `store_dtype`; `pool_rows`: the rows of a resampling pool (trainer
@@ -299,13 +305,14 @@ def sweep_memory(members: Sequence[Any], rows: int, batch_size: int, widths: dic
     pools = sum(kept * widths[h] * F32 for h in pool_hooks)
     if device_type != "cuda":
         return SweepMemory(device, mems, LOADER_BATCHES * rows * row_bytes, pools,
-                           free=_share(available_memory(device), share), rank=rank, share=share)
+                           free=_share(available_memory(device), share), rank=rank, share=share,
+                           stacks=list(stacks))
     # a 16-bit store crosses as its 16 bits and is widened on the GPU (loader.py `ship_raw`)
     raw = store_dtype in ("bfloat16", "float16")
     host = LOADER_BATCHES * rows * row_bytes // (2 if raw else 1)
     on_device = 2 * rows * row_bytes + (rows * row_bytes // 2 if raw else 0)
     return SweepMemory(device, mems, on_device, pools, host, available_memory(device),
-                       _share(available_memory("cpu"), share), rank, share)
+                       _share(available_memory("cpu"), share), rank, share, list(stacks))
 
 
 def ranks_on_this_node() -> int:
@@ -434,7 +441,7 @@ def check_fits(r: SweepMemory) -> None:
                  "--batch-size")
         stepper = max(r.members, key=lambda m: m.step, default=None)
         if stepper is not None and stepper.sparse_possible:
-            fixes += (f", or --kernels sparse (the dense step of {stepper.name}, mostly "
+            fixes += (f", or --kernels torch (the dense step of {stepper.name}, mostly "
                       f"[batch, width] activations, peaks at {human(stepper.step)})")
         fail(f"the sweep would not fit in {where}{r.device} memory: it needs about "
              f"{human(r.total)} ({_parts(r)}"

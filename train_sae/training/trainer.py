@@ -65,6 +65,7 @@ from train_sae.training.outputs import (
     write_member_json,
 )
 from train_sae.training.resampling import BatchPool
+from train_sae.training.stack import MemberStack, Stacks, stack_groups
 from train_sae.training.sweep import check_hooks
 
 RESAMPLE_POOL_ROWS = 32768  # inputs kept per hook for Anthropic resampling (shared by members)
@@ -254,7 +255,8 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
                               rows=placement.rows)
     pools = make_pools(members, loader, plan, start)
     run = SweepRun(cfg, plan, out, world, placement, members, [m.name for m in members_cfg],
-                   sweep_doc["store_fingerprint"])
+                   sweep_doc["store_fingerprint"],
+                   stacks=Stacks(use_stacking(cfg, plan.device)))
     if world.is_main:
         if cfg.wandb_project:
             run.wandb = WandbSink(cfg.wandb_project, out.name, sweep_doc, out,
@@ -267,6 +269,8 @@ def _train_locked(cfg: TrainConfig, plan: Plan, members_cfg: list[MemberConfig],
         spread = describe_placement(placement, world, cfg.batch_size)
         if spread:
             print(spread, file=sys.stderr)
+        for names in check_stacks(cfg, plan, members):
+            print(f"stacked (one batched step): {', '.join(names)}", file=sys.stderr)
     bar = Progress(plan.total_steps * cfg.batch_size, start * cfg.batch_size, cfg.batch_size,
                    enabled=cfg.progress and world.is_main)
     try:
@@ -289,9 +293,11 @@ def check_memory(cfg: TrainConfig, plan: Plan, placement: Placement, members: li
     their next meeting point, with one line each. When every rank fits, rank 0 prints each
     member's memory and every rank's peak against what its device has available."""
     rows = len(range(cfg.batch_size)[placement.rows])
+    stacks = check_stacks(cfg, plan, members)
     mine = memory.sweep_memory(members, rows, cfg.batch_size, {h: plan.dims[h] for h in read},
                                plan.device, RESAMPLE_POOL_ROWS, plan.store.manifest.dtype,
-                               world.rank, total_rows=plan.total_steps * cfg.batch_size)
+                               world.rank, total_rows=plan.total_steps * cfg.batch_size,
+                               stacks=stacks)
     everyone = world.all_gather_object(mine)
     memory.check_fits(mine)
     if world.is_main and all(memory.fits(r) for r in everyone):
@@ -355,6 +361,7 @@ class SweepRun:
     names: list[str]  # every member of the sweep, in order
     store_fingerprint: dict[str, Any]
     wandb: WandbSink | None = None  # rank 0's
+    stacks: Stacks = field(default_factory=lambda: Stacks(enabled=False))  # --stack
     last_fvu: dict[str, float] = field(default_factory=dict)
     best_fvu: float | None = None  # the best running member's last FVU, for the progress bar
 
@@ -387,7 +394,14 @@ class SweepRun:
         progress = TrainProgress(step, self.plan.total_steps, step * self.cfg.batch_size)
         # `batch` is this rank's share of the rows (placement.rows): all of them, or a
         # data-parallel rank's slice
-        stepped = [m.step(batch, step, progress, pools, log) for m in live]
+        by_name: dict[str, tuple[torch.Tensor, dict[str, Any] | None]] = {}
+        for group in self.stacks.groups(live):
+            if len(group) == 1:
+                by_name[group[0].name] = group[0].step(batch, step, progress, pools, log)
+            else:
+                by_name.update(stacked_step(self.stacks.get(group), batch, step, progress,
+                                            pools, log))
+        stepped = [by_name[m.name] for m in live]
         for hook, pool in pools.items():
             # whole batches: resampling draws the same rows on every rank (the slices of the
             # ranks, in rank order, are the batch)
@@ -424,6 +438,7 @@ class SweepRun:
 
     def checkpoint(self, done: int) -> None:
         """Every member's state at step `done`, gathered by rank 0 into the one checkpoint."""
+        self.stacks.release()  # each member's tensors in their own storage
         mine = {m.name: m.state_dict() for m in self.members} if self.placement.writes else {}
         if self.world.distributed:
             mine = _to_cpu(mine)  # sent through pickles: no rank's GPU tensors on rank 0
@@ -439,6 +454,7 @@ class SweepRun:
     def finish(self, scales: dict[str, float]) -> list[MemberResult]:
         """Save the finished members this rank writes; once every rank has, rank 0 marks the
         sweep complete. Every rank returns every member's result, in sweep order."""
+        self.stacks.release()
         mine = []
         for m in self.members:
             folder = self.out / m.name
@@ -458,6 +474,34 @@ class SweepRun:
             remove_checkpoint(self.out)
         self.world.agree()  # complete on every rank (or rank 0 failed to mark it: all stop)
         return results
+
+
+def stacked_step(stack: MemberStack, batch: dict[str, torch.Tensor], step: int,
+                 progress: TrainProgress, pools: dict[str, BatchPool], log: bool
+                 ) -> dict[str, tuple[torch.Tensor, dict[str, Any] | None]]:
+    """`Member.step` for the members of a stack: one joint forward and backward between each
+    member's own start of the step and its own optimizer step and metrics."""
+    x, y = [m.begin_step(batch, step, pools) for m in stack.members][0]  # the same hooks
+    outs = stack.forward_backward(x, y, progress)
+    done = {}
+    for m, out in zip(stack.members, outs, strict=True):
+        loss = m.apply_gradients(out.loss)
+        done[m.name] = (loss, m.record(out, y, step, loss, log))
+    return done
+
+
+def check_stacks(cfg: TrainConfig, plan: Plan, members: list[Member]) -> list[tuple[str, ...]]:
+    """The names of the members that will train stacked, stack by stack."""
+    if not use_stacking(cfg, plan.device):
+        return []
+    return [tuple(m.name for m in g) for g in stack_groups(members) if len(g) > 1]
+
+
+def use_stacking(cfg: TrainConfig, device: str) -> bool:
+    """--stack on / off, or auto: where one batched step beats the members' steps in turn."""
+    if cfg.stack != "auto":
+        return cfg.stack == "on"
+    return torch.device(device).type == "cuda"
 
 
 def _to_cpu(obj: Any) -> Any:
