@@ -23,14 +23,15 @@ def store(tmp_path_factory):
     return path
 
 
-# an LR sweep and an L1 sweep of ReLU SAEs (with resampling), and an LR / AuxK-weight sweep of
-# TopK SAEs whose latents die early (so AuxK acts), plus a member that stacks with nobody
+# an LR sweep and an L1 sweep of ReLU SAEs (with resampling), and an LR / AuxK-weight / k sweep
+# of TopK SAEs whose latents die early (so AuxK acts), plus a member that stacks with nobody
 MEMBERS = [
     ("relu", 128, {"l1_coefficient": 3.0, "lr": 5e-3}),
     ("relu", 128, {"l1_coefficient": 3.0, "lr": 2e-3}),
     ("relu", 128, {"l1_coefficient": 6.0, "lr": 5e-3, "grad_clip": 0.0, "resample": False}),
     ("topk", 64, {"k": 4, "lr": 5e-3, "dead_tokens_threshold": 256}),
     ("topk", 64, {"k": 4, "lr": 1e-3, "dead_tokens_threshold": 256, "aux_coefficient": 0.5}),
+    ("topk", 64, {"k": 8, "lr": 5e-3, "dead_tokens_threshold": 256}),
     ("topk", 32, {"k": 4, "lr": 5e-3}),
 ]
 
@@ -60,10 +61,10 @@ def test_groups_stack_only_what_may_differ(store):
 
     members = [member(*m) for m in MEMBERS]
     groups = [[m.name for m in g] for g in stack_groups(members)]
-    assert [len(g) for g in groups] == [3, 2, 1]
-    # a different k, or the sparse step, does not stack
-    other_k = member("topk", 64, {"k": 8})
-    assert [len(g) for g in stack_groups([members[3], other_k])] == [1, 1]
+    assert [len(g) for g in groups] == [3, 3, 1]
+    # another AuxK threshold, or the sparse step, does not stack
+    other = member("topk", 64, {"k": 4, "lr": 5e-3})
+    assert [len(g) for g in stack_groups([members[3], other])] == [1, 1]
     members[4].sae.sparse_kernels = True
     assert [len(g) for g in stack_groups(members[3:5])] == [1, 1]
 

@@ -88,6 +88,10 @@ Stack = Annotated[str, typer.Option(
          "resampling and loss weights (l1/aux/l0 coefficients), and share arch, hooks, width and "
          "every other option, as one batched module: on, off, or auto (on for CUDA devices; "
          "same results as one by one)")]
+Compile = Annotated[bool, typer.Option(
+    "--compile/--no-compile",
+    help="run each dictionary's dense forward through torch.compile (fused elementwise ops; "
+         "mostly a GPU gain; the first step compiles, which takes a while)")]
 Precision = Annotated[str, typer.Option(
     help="dtype of the dictionaries' matmuls: fp32, bf16 or fp16 (autocast; weights, Adam "
          "state and losses stay fp32; fp16 with loss scaling)")]
@@ -143,7 +147,8 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
            hook: list[str] | None, out_hook: list[str] | None, tokens: str | None,
            batch_size: str, device: str, seed: int, resume: bool, overwrite: bool,
            checkpoint_every: str, log_every: str, wandb_project: str | None, normalize: bool,
-           data_parallel: bool, kernels: str, precision: str, stack: str, config: Path | None,
+           data_parallel: bool, kernels: str, precision: str, stack: str, compile_step: bool,
+           config: Path | None,
            arch: str | None,
            width: str | None,
            expansion: str | None, param: list[str] | None, resample_at: str | None,
@@ -160,7 +165,8 @@ def _train(single: bool, store: str, storage_option: list[str] | None, out: Path
                       log_every=parse_count(log_every),
                       wandb_project=wandb_project, resume=resume, overwrite=overwrite,
                       normalize=normalize, data_parallel=data_parallel, kernels=kernels,
-                      precision=precision, stack=stack, storage_options=options)
+                      precision=precision, stack=stack, compile=compile_step,
+                      storage_options=options)
     # every value typed here, where it enters (a bad one fails before the store is opened)
     values = {name: parse_values(name, v) for name, v in flags.items() if v is not None}
     for item in param or []:
@@ -227,14 +233,16 @@ def _train_command(single: bool):
         resume: Resume = False, overwrite: Overwrite = False, checkpoint_every: CkptEvery = "0",
         log_every: LogEvery = "100", wandb_project: Wandb = None, normalize: Normalize = True,
         data_parallel: DataParallel = False, kernels: Kernels = "auto",
-        precision: Precision = "fp32", stack: Stack = "auto", config: Config = None,
+        precision: Precision = "fp32", stack: Stack = "auto", compile: Compile = False,
+        config: Config = None,
         arch: Arch = None,
         width: Width = None, expansion: Expansion = None, resample_at: ResampleAt = None,
         param: Param = None, **flags: str | None,
     ) -> None:
         _train(single, store, storage_option, out, hook, out_hook, tokens, batch_size, device,
                seed, resume, overwrite, checkpoint_every, log_every, wandb_project, normalize,
-               data_parallel, kernels, precision, stack, config, arch, width, expansion, param,
+               data_parallel, kernels, precision, stack, compile, config, arch, width,
+               expansion, param,
                resample_at, flags)
 
     return with_params(command)

@@ -267,6 +267,9 @@ class Dictionary(nn.Module):
     # whether members of this class may train stacked, with a leading member dimension on every
     # parameter and buffer (train_sae/training/stack.py): its dense step broadcasts over it
     stackable: bool = False
+    compile_step: bool = False  # --compile: the dense forward through torch.compile
+    # hyperparameters besides the loss weights that may differ within a stack (held as [M])
+    stack_varying: tuple[str, ...] = ()
 
     @property
     def supports_sparse(self) -> bool:
@@ -355,9 +358,7 @@ class Dictionary(nn.Module):
         if self.sparse_kernels and self.supports_sparse:
             step = self.sparse_step(x, target)
         else:
-            pre = self.pre_acts(x)
-            acts = self.train_activation(pre)
-            step = StepTensors(x, target, pre, acts, self.decode(acts, x))
+            step = StepTensors(x, target, *self.dense_forward(x))
         step.y_hat = step.y_hat.float()
         with torch.autocast(x.device.type, enabled=False):  # losses in fp32 under --precision
             terms = self.loss_terms(step)
@@ -365,6 +366,20 @@ class Dictionary(nn.Module):
         self.after_forward(step)
         parts = {name: t.detach() for name, t in terms.items()}
         return TrainOutput(loss, step.y_hat, step.acts, parts)  # type: ignore[arg-type]
+
+    def dense_forward(self, x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(pre-activations, latents, prediction) of the dense step: the part `--compile` hands
+        to torch.compile (one compiled graph per dictionary, made at its first step)."""
+        if self.compile_step:
+            if "_compiled" not in self.__dict__:
+                self.__dict__["_compiled"] = torch.compile(self._dense_forward)
+            return self.__dict__["_compiled"](x)
+        return self._dense_forward(x)
+
+    def _dense_forward(self, x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        pre = self.pre_acts(x)
+        acts = self.train_activation(pre)
+        return pre, acts, self.decode(acts, x)
 
     def sparse_step(self, x: torch.Tensor, target: torch.Tensor) -> StepTensors:
         """The forward pass with `acts` as SparseActs (train_sae/dictionaries/sparse.py)."""

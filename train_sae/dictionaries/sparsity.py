@@ -115,8 +115,16 @@ class TopK:
         k largest of ReLU(pre) are ReLU of the k largest of pre (the same values; only which of
         several zeros is "kept" may differ)."""
         groups = pre.reshape(*pre.shape[:-1], self.topk_groups, -1)  # [..., groups, width]
-        top = groups.topk(self.cfg.k, dim=-1, sorted=False)
-        kept = torch.zeros_like(groups).scatter(-1, top.indices, torch.relu(top.values))
+        k = self.cfg.k
+        if isinstance(k, torch.Tensor):  # stacked members' own k [M]: the k_m largest of k_max
+            top = groups.topk(int(k.max()), dim=-1, sorted=True)
+            rank = torch.arange(top.values.shape[-1], device=pre.device)
+            keep = rank < k.reshape(-1, *[1] * (groups.dim() - 1))  # [M, 1, .., k_max]
+            values = torch.relu(top.values) * keep
+        else:
+            top = groups.topk(k, dim=-1, sorted=False)
+            values = torch.relu(top.values)
+        kept = torch.zeros_like(groups).scatter(-1, top.indices, values)
         return kept.reshape(pre.shape)
 
     def select(self, pre_relu: torch.Tensor) -> torch.Tensor:

@@ -20,4 +20,5 @@ class TopKSAE(TopK, UnitNormDecoder, LinearSAE):
     arch = "topk"
     saelens_architecture = "topk"
     Config = TopKConfig
-    stackable = True  # its dense step (train_sae/training/stack.py)
+    stackable = True  # its dense step (train_sae/training/stack.py), a k sweep too
+    stack_varying = ("k",)

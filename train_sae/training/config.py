@@ -164,10 +164,12 @@ class MemberConfig:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How every member's training step runs (not what it trains): --kernels and --precision."""
+    """How every member's training step runs (not what it trains): --kernels, --precision and
+    --compile."""
 
     kernels: str = "auto"
     precision: str = "fp32"
+    compile: bool = False  # the dense step's forward through torch.compile
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class TrainConfig:
     precision: str = "fp32"
     # members that differ only in optimizer settings and loss weights as one batched module
     stack: str = "auto"
+    compile: bool = False  # the dense step's forward through torch.compile
     # under torchrun: train every member on every rank, each rank on its share of every batch
     # (gradients averaged), instead of spreading the members over the ranks
     data_parallel: bool = False
@@ -236,7 +239,7 @@ class TrainConfig:
             fail(f"--hook {ALL_HOOKS} already means every hook of the store; drop the other --hook")
 
     def step_options(self) -> StepOptions:
-        return StepOptions(self.kernels, self.precision)
+        return StepOptions(self.kernels, self.precision, self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -78,6 +78,7 @@ class Member:
             options.kernels, cfg.d_sae, getattr(cfg.params, "k", None))
         if self.sae.sparse_kernels:
             self.sae.sparse_backend = sparse_backend(options.kernels, device)
+        self.sae.compile_step = options.compile
         # --precision: the forward's matmuls under autocast; fp16 scales the loss so that small
         # gradients survive (torch.amp.GradScaler), then unscales before clipping and Adam
         self.device_type = torch.device(device).type

@@ -148,11 +148,11 @@ def store_name(store: str) -> str:
 def sweep_description(cfg: TrainConfig, store_hooks: list[str], dims: dict[str, int],
                       manifest: Manifest, total_steps: int, members: list[MemberConfig]
                       ) -> dict[str, Any]:
-    # how the sweep is run (resuming, over how many ranks, members stacked or not) is not a
-    # setting: the same sweep
+    # how the sweep is run (resuming, over how many ranks, members stacked or not, compiled or
+    # not) is not a setting: the same sweep
     settings = {k: v for k, v in cfg.to_dict().items()
                 if k not in ("resume", "overwrite", "out", "store", "data_parallel", "stack",
-                             "storage_options")}
+                             "compile", "storage_options")}
     # eval checks its model by content; None = imported activations (no model to check)
     model_fp = ({"model_fingerprint": manifest.fingerprints["model"]}
                 if "model" in manifest.fingerprints else {})

@@ -1,8 +1,9 @@
 """Stacked members: several members of a sweep trained as one module with a member dimension.
 
 Members that differ only in their optimizer settings (LR, betas, warm-up, decay, clipping), their
-resampling and their loss coefficients (`l1_coefficient`, `aux_coefficient`, `l0_coefficient`),
-and share everything else (dictionary class, hooks, width, the other hyperparameters, the dense
+resampling, their loss coefficients (`l1_coefficient`, `aux_coefficient`, `l0_coefficient`) and
+what their class lists in `stack_varying` (TopK's `k`: each member keeps the k_m largest of the
+k_max largest), and share everything else (dictionary class, hooks, width, the other hyperparameters, the dense
 step), run one forward and one backward pass together: every parameter and buffer is stacked into
 one tensor [M, *shape], so each product is one batched matmul over the M members (`bmm`), with the
 coefficients as [M] tensors. The dictionary code is written to broadcast over that leading
@@ -45,7 +46,8 @@ def stack_key(m: Member) -> tuple | None:
     sae = m.sae
     if not type(sae).stackable or sae.sparse_kernels or m.batch is not WHOLE_BATCH:
         return None
-    params = {k: v for k, v in dataclasses.asdict(m.cfg.params).items() if k not in COEFFICIENTS}
+    varying = COEFFICIENTS + type(sae).stack_varying
+    params = {k: v for k, v in dataclasses.asdict(m.cfg.params).items() if k not in varying}
     return (type(sae), m.cfg.hooks, m.cfg.outputs, m.cfg.d_sae, repr(sorted(params.items())))
 
 
@@ -82,6 +84,7 @@ class MemberStack:
         # dimension on every parameter and buffer (stackable classes have no submodules)
         module = copy.copy(first)
         module._parameters, module._buffers = {}, {}
+        module.__dict__.pop("_compiled", None)  # --compile: a graph of its own, not the first's
         for name, _ in first.named_parameters():
             stacked = stack_like([m.sae.get_parameter(name).detach() for m in members])
             module._parameters[name] = nn.Parameter(stacked)
@@ -96,16 +99,17 @@ class MemberStack:
                 m.sae._buffers[name] = module._buffers[name][i]
 
     def _stacked_config(self, cfg: Any, device: torch.device) -> Any:
-        """The first member's config with each loss weight that differs as an [M] tensor."""
+        """The first member's config with each loss weight (and each `stack_varying`
+        hyperparameter, such as TopK's k) that differs as an [M] tensor."""
         cfg = copy.copy(cfg)
-        for name in COEFFICIENTS:
+        for name in COEFFICIENTS + type(self.members[0].sae).stack_varying:
             if not hasattr(cfg, name):
                 continue
             values = [getattr(m.cfg.params, name) for m in self.members]
             if len(set(values)) > 1:
-                # float64, so the warm-up scales it as it scales a Python float
-                object.__setattr__(cfg, name, torch.tensor(values, dtype=torch.float64,
-                                                           device=device))
+                # a weight in float64, so the warm-up scales it as it scales a Python float
+                dtype = torch.float64 if name in COEFFICIENTS else torch.long
+                object.__setattr__(cfg, name, torch.tensor(values, dtype=dtype, device=device))
         return cfg
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, progress: TrainProgress
