@@ -102,12 +102,22 @@ def _modes(resume: bool, overwrite: bool) -> None:
 
 @app.command()
 def run(
-    out: Out,
+    out: Annotated[str | None, typer.Option("--out", "-o", help=(
+        "Store to write: a local folder or an fsspec URL (s3://bucket/path, gs://..., "
+        "file://...; pip install 'sae-cache[s3]' or '[gcs]')."))] = None,
     model: Annotated[list[str] | None, typer.Option(
-        help="transformer_lens model name, HF checkpoint folder, .gguf file or "
+        help="hf:NAME_OR_PATH (any Hugging Face causal LM, hub name or checkpoint folder, "
+             "through TransformerBridge; hub names transformer_lens does not list go there "
+             "too), transformer_lens model name, HF checkpoint folder, .gguf file or "
              "random:CONFIG.json. Default: the embedded SmolLM2-135M-Instruct. Repeat as "
              "TAG=SPEC (--model base=... --model chat=...) to cache several models that share "
              "a tokenizer over the same tokens; their hooks are stored as TAG/HOOK.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Let an hf: model run the modelling code its hub repo "
+        "ships (only for repos you trust; eval reloads the model with it).")] = False,
+    list_hooks: Annotated[bool, typer.Option(
+        "--list-hooks", help="Print the model's hook points (firing order, width per token, "
+        "aliases) and exit; needs no --out.")] = False,
     dataset: Annotated[str | None, typer.Option(
         help="HF hub dataset, or a local text/jsonl/parquet file or folder. "
              "Default: the embedded Shakespeare plays.")] = None,
@@ -151,8 +161,14 @@ def run(
     from shared.tokens import TokenSpec
     from shared.units import parse_count, parse_size
 
-    _modes(resume, overwrite)
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if list_hooks:
+        typer.echo(model_hooks(list(model or []), kind, model_dtype, trust_remote_code))
+        return
+    if out is None:
+        fail("--out is missing: name the store to write (or pass --list-hooks to only list "
+             "the model's hook points)")
+    _modes(resume, overwrite)
     world = init("cuda" if kind.startswith("cuda") else "cpu")
     spec = TokenSpec(
         dataset=dataset, text_column=text_column, token_column=token_column, split=split,
@@ -167,6 +183,7 @@ def run(
         device=world.device(kind) if kind == "cuda" else kind,
         chunk_rows=chunk_rows, shard_rows=_count_or_none(shard_rows),
         shuffle_memory=parse_size(shuffle_memory), tmp_dir=tmp_dir,
+        trust_remote_code=trust_remote_code,
     )
     t0 = time.perf_counter()
     with world:
@@ -176,6 +193,30 @@ def run(
         typer.echo(f"cached {m.n_rows:,} tokens x {len(m.hooks)} hook(s) in {dt:.1f}s"
                    + (f" on {world.world_size} processes" if world.distributed else ""))
         typer.echo(info(cfg.out))
+
+
+def model_hooks(specs: list[str], device: str, dtype: str, trust_remote_code: bool) -> str:
+    """`run --list-hooks`: each model's hook points, one a line: name, width per token (heads
+    x d_head for per-head hooks), the aliases it also answers to; hooks that give no vector per
+    token (attention patterns, token ids) are marked. Several models: one block per TAG."""
+    from cache_acts.model_list import parse_models
+    from shared.models import list_hooks, load_model
+
+    blocks = []
+    for choice in parse_models(specs, ["-"]):
+        with choice.named_in_errors():
+            lm = load_model(choice.spec, device=device, dtype=dtype,
+                            trust_remote_code=trust_remote_code)
+        rows = list_hooks(lm.model)
+        width = max(len(h.name) for h in rows)
+        lines = [f"# {lm.spec} ({lm.backend}): {len(rows)} hook points"
+                 + (f", model {choice.tag}" if choice.tag else "")]
+        for h in rows:
+            shape = "x".join(map(str, h.shape)) if h.cacheable else "not per token"
+            alias = f"  = {', '.join(h.aliases)}" if h.aliases else ""
+            lines.append(f"{h.name.ljust(width)}  {shape:>13}{alias}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 @app.command("import")

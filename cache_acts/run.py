@@ -52,6 +52,7 @@ class RunConfig:
     shard_rows: int | None = None  # None: shared.store.default_shard_rows
     shuffle_memory: int = 512 * MiB
     tmp_dir: str | None = None  # local folder for the work files of a remote --out
+    trust_remote_code: bool = False  # let an hf: model run the modelling code its hub repo ships
 
     def __post_init__(self) -> None:
         self.out = as_location(self.out)
@@ -140,7 +141,8 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     for choice in choices:
         with choice.named_in_errors():
             if loaded is None:
-                lm = load_model(choice.spec, device=cfg.device, dtype=cfg.model_dtype)
+                lm = load_model(choice.spec, device=cfg.device, dtype=cfg.model_dtype,
+                                trust_remote_code=cfg.trust_remote_code)
             else:
                 assert len(choices) == 1, "`loaded` is for single-model runs"
                 lm = loaded

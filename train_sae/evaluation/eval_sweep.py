@@ -39,7 +39,14 @@ from tqdm import tqdm
 from shared.distributed import LOCAL, World, balance
 from shared.errors import fail
 from shared.fingerprint import same, short
-from shared.models import LoadedModel, check_context_size, check_hooks, hook_dims, load_model
+from shared.models import (
+    HF_PREFIX,
+    LoadedModel,
+    check_context_size,
+    check_hooks,
+    hook_dims,
+    load_model,
+)
 from shared.storage import location
 from shared.store import Manifest, Store, open_store, store_fingerprint
 from shared.tokens import TokenSpec, iter_token_batches, source_fingerprint
@@ -209,15 +216,21 @@ def model_spec_from_manifest(manifest: Manifest) -> str | None:
         return str(source["path"])
     if kind == "hub":
         return str(source["name"])
+    if kind == "bridge":  # any Hugging Face causal LM, through TransformerBridge (shared.bridge)
+        return HF_PREFIX + str(source.get("path") or source["name"])
     fail(f"cannot tell how to load the store's model {manifest.model!r}; pass --model")
 
 
 def resolve_model(opts: EvalOptions, manifest: Manifest | None) -> LoadedModel:
+    """--model, else the store's own model through the backend that cached it (a bridge model
+    with the --trust-remote-code it was cached with)."""
     if opts.model is not None:
         return load_model(opts.model, device=opts.device)
     if manifest is None:
         fail("the sweep's store is not available, so its model is unknown; pass --model")
-    return load_model(model_spec_from_manifest(manifest), device=opts.device)
+    trust = bool(manifest.model_info.get("source", {}).get("trust_remote_code", False))
+    return load_model(model_spec_from_manifest(manifest), device=opts.device,
+                      trust_remote_code=trust)
 
 
 def resolve_tokens(opts: EvalOptions, manifest: Manifest | None) -> TokenSpec:

@@ -5,7 +5,8 @@ For every batch of held-out tokens the model runs once clean, twice per set of r
 those hooks zeroed / replaced by their mean vectors (the ablation baselines), and once per spliced
 pass of each dictionary. The clean and ablation passes are shared by every dictionary replacing the
 same hooks, and the blocks before a pass's first hook run once per batch (the other passes start
-at that layer, from the clean pass's residual).
+at that layer, from the clean pass's residual). A TransformerBridge model (any Hugging Face causal LM,
+shared.bridge) runs every pass whole: its Hugging Face forward cannot start at a block.
 
 What each kind of dictionary replaces (`io_kind`, train_sae/dictionaries/base.py):
 - sae: its hook, by its reconstruction of that hook's activation (one spliced pass).
@@ -42,13 +43,13 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from shared.errors import fail
-from shared.models import capture, hook_names
+from shared.models import capture, hook_positions, runs_from_layer
 from train_sae.dictionaries.base import Dictionary
 from train_sae.dictionaries.clt import CrossLayerTranscoder
 
@@ -211,10 +212,10 @@ def splice_cost(target: SpliceTarget, n_layers: int) -> int:
                for r in target.replacements())
 
 
-def check_splice_order(model: HookedTransformer, targets: list[SpliceTarget]) -> None:
+def check_splice_order(model: Any, targets: list[SpliceTarget]) -> None:
     """A closed-loop splice reads each input before the output predicted from it is replaced:
     refuse a dictionary whose input hook the model computes after that output hook."""
-    order = {h: i for i, h in enumerate(hook_names(model))}
+    order = hook_positions(model)  # a bridge's aliases included
     for t in targets:
         if t.open_loop:
             continue
@@ -253,17 +254,25 @@ Replace = Callable[[Tensor], "Tensor | None"]
 
 
 def _capture_hooks(keep: Tensor, hooks: list[str], into: dict[str, Tensor]) -> list:
-    def save(act: Tensor, hook: object) -> None:
-        into[hook.name] = act.reshape(act.shape[0], act.shape[1], -1)[keep].float()  # type: ignore
+    def saver(name: str) -> Callable:  # by the name asked for (a bridge hook may be an alias)
+        def save(act: Tensor, hook: object) -> None:
+            into[name] = act.reshape(act.shape[0], act.shape[1], -1)[keep].float()
+        return save
 
-    return [(h, save) for h in hooks]
+    return [(h, saver(h)) for h in hooks]
 
 
-def _clean_pass(model: HookedTransformer, tokens: Tensor, keep: Tensor, layers: list[int],
+def _clean_pass(model: Any, tokens: Tensor, keep: Tensor, layers: list[int],
                 captured: list[str] | None = None) -> tuple[_Prefix, Tensor, dict[str, Tensor]]:
     """Run the model once, keeping the residual entering each layer in `layers` and the
-    activations of `captured` at the kept positions ({hook: [n, d]} float32); clean logits."""
+    activations of `captured` at the kept positions ({hook: [n, d]} float32); clean logits.
+    A model that cannot start a pass at a block (the bridge) keeps no residual: every spliced
+    pass runs it whole."""
     acts: dict[str, Tensor] = {}
+    if not runs_from_layer(model):
+        with model.hooks(fwd_hooks=_capture_hooks(keep, list(captured or ()), acts)):
+            logits = model(tokens, return_type="logits")
+        return _Prefix(tokens, keep, {}, None, None), logits, acts
     with model.hooks(fwd_hooks=_capture_hooks(keep, list(captured or ()), acts)):
         resid, _, shortformer, mask = model.input_to_embed(tokens)
         saved: dict[int, Tensor] = {}
@@ -279,7 +288,7 @@ def _clean_pass(model: HookedTransformer, tokens: Tensor, keep: Tensor, layers: 
     return _Prefix(tokens, keep, saved, shortformer, mask), logits, acts
 
 
-def _spliced_logits(model: HookedTransformer, p: _Prefix, replace: dict[str, Replace]) -> Tensor:
+def _spliced_logits(model: Any, p: _Prefix, replace: dict[str, Replace]) -> Tensor:
     """Logits with each hook of `replace` given what its function returns at the kept positions.
     The pass starts at the first block any of the hooks is in (from the clean residual)."""
 
@@ -294,7 +303,7 @@ def _spliced_logits(model: HookedTransformer, p: _Prefix, replace: dict[str, Rep
             return flat.reshape(act.shape)
         return hook_fn
 
-    layer = pass_start(replace, model.cfg.n_layers)
+    layer = pass_start(replace, model.cfg.n_layers) if runs_from_layer(model) else None
     with model.hooks(fwd_hooks=[(h, wrap(fn)) for h, fn in replace.items()]):
         if layer is None:
             return model(p.tokens, attention_mask=p.attention_mask, return_type="logits")
@@ -343,7 +352,7 @@ def _closed_loop(t: SpliceTarget, stats: ReconStats | None) -> dict[str, Replace
     return {h: at(h) for h in dict.fromkeys(t.in_hooks + t.out_hooks)}
 
 
-def _score(model: HookedTransformer, p: _Prefix, logp_clean: Tensor | None, sums: LossSums,
+def _score(model: Any, p: _Prefix, logp_clean: Tensor | None, sums: LossSums,
            replace: dict[str, Replace]) -> None:
     """Add the CE (and, given the clean log-probabilities, the KL) of one spliced pass."""
     logp = next_token_logprobs(_spliced_logits(model, p, replace))
@@ -391,7 +400,7 @@ class _Baselines:
 
 
 @torch.no_grad()
-def splice_eval(model: HookedTransformer, targets: list[SpliceTarget],
+def splice_eval(model: Any, targets: list[SpliceTarget],
                 batches: Iterable[tuple[Tensor, Tensor]], means: dict[str, Tensor],
                 progress: Callable[[int], None] | None = None) -> dict[str, dict]:
     """Evaluate every target on `batches` of (tokens [b, ctx], keep [b, ctx]).
@@ -481,7 +490,7 @@ def splice_eval(model: HookedTransformer, targets: list[SpliceTarget],
 
 
 @torch.no_grad()
-def hook_means(model: HookedTransformer, hooks: list[str],
+def hook_means(model: Any, hooks: list[str],
                batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
     """Mean activation [d_in] of each hook over the kept positions of `batches` (float64 sums)."""
     sums: dict[str, Tensor] = {}
