@@ -40,6 +40,7 @@ from cache_acts.writer import (
     BatchSums,
     ChunkWriterPool,
     RawShards,
+    SequenceFile,
     ShardSink,
     StatsSums,
     ZarrShards,
@@ -56,10 +57,12 @@ from shared.store import (
     ACTS_GROUP,
     MANIFEST_KEY,
     META_ARRAYS,
+    SEQUENCES,
     Manifest,
     count_nonfinite,
     create_arrays,
     write_manifest,
+    write_sequences,
 )
 
 FLUSH_BYTES = 16 << 20  # most bytes pass 1 buffers before writing and committing
@@ -83,6 +86,9 @@ class Job:
     # the local folder for the bucket files and resume state (`work_dir`)
     work: Path = field(default=Path())
     short_message: str = "the source gives only {n} rows but {want} were asked for"
+    # the source's batches carry their packed token sequences (RowBatch.sequences): keep them
+    # as the store's `sequences` array
+    sequences: bool = False
     nonfinite_hint: str = "the source produced them; fix the source and run again"
 
     def __post_init__(self) -> None:
@@ -158,7 +164,7 @@ def remove_store(out: Location, work: Path) -> None:
     state = RunState.load(work)
     ours = {TMP_DIR} & entries if state is not None else set()
     if manifest or state is not None:  # (a run may stop before the group has its first manifest)
-        ours |= {"zarr.json", ACTS_GROUP, *META_ARRAYS} & entries
+        ours |= {"zarr.json", ACTS_GROUP, *META_ARRAYS, SEQUENCES} & entries
     elif "zarr.json" in entries:
         fail(f"refusing to overwrite {out}: it is a Zarr store that cache-acts did not write "
              "(no manifest); choose another --out")
@@ -298,6 +304,8 @@ class _Scatterer(threading.Thread):
     def __init__(self, job: Job, n_buckets: int, files: BucketFiles):
         super().__init__(daemon=True)
         self.job, self.n_buckets, self.files = job, n_buckets, files
+        self.sequences = (SequenceFile(files.folder, job.manifest.context_size)
+                          if job.sequences else None)
         self.queue: queue.Queue[tuple[int, RowBatch] | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.sums: list[tuple[int, dict[str, BatchSums]]] = []  # (first row, sums) per batch
@@ -325,6 +333,9 @@ class _Scatterer(threading.Thread):
         rows = np.arange(start, start + len(batch), dtype=np.int64)
         buckets = bucket_of(rows, m.seed, self.n_buckets)
         self.files.append(to_records(batch, self.files.rec, start), buckets)
+        if self.sequences is not None:
+            assert batch.sequences is not None, "the source gives no sequences"
+            self.sequences.write(batch.first_sequence, batch.sequences)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -355,6 +366,10 @@ def _scatter(job: Job, source: Source, state: RunState, files: BucketFiles, worl
     batches to number the rows, and commit together once the rows scattered since the last
     commit fill a write buffer (so no rank buffers more than one)."""
     files.truncate_to(state.bucket_bytes[world.rank])
+    if job.sequences and state.rows_done and not (files.folder / SequenceFile.NAME).exists():
+        fail(f"the interrupted run in {job.out} kept no token sequences (started by an older "
+             "version, or its temporary files were deleted), so it cannot resume; start again "
+             "with --overwrite")
     stats = {h: StatsSums.from_dict(state.stats[h]) if h in state.stats
              else StatsSums(job.manifest.d_in[h]) for h in job.manifest.hooks}
     writer = _Scatterer(job, state.n_buckets, files)
@@ -556,6 +571,12 @@ def _gather(job: Job, state: RunState, files: BucketFiles, world: World) -> Mani
         m.stats = {h: StatsSums.from_dict(state.stats[h]).result() for h in m.hooks}
         m.checksums = {p: state.checksums[p] for p in m.array_paths()}
         assert all(c is not None for sums in m.checksums.values() for c in sums)
+        if job.sequences:  # (rewritten whole by a resumed run: small, and the same bytes)
+            sequences = SequenceFile(files.folder, m.context_size).rows()
+            if len(sequences) == 0:
+                fail(f"the token sequences of the run in {job.out} are missing from its "
+                     f"temporary folder {files.folder}; start again with --overwrite")
+            write_sequences(group, m, sequences)
         m.complete = True
         write_manifest(group, m)  # the last step: from here on the store reads as complete
         shutil.rmtree(files.folder, ignore_errors=True)

@@ -18,7 +18,9 @@ class RowBatch:
     """Rows from one source step, already in storage dtype; row i of every field is the same token.
 
     `cursor` is the source position just after this batch (sequences consumed for a model run,
-    rows consumed for an import), so a resumed run restarts the source there.
+    rows consumed for an import), so a resumed run restarts the source there. A model run also
+    carries the packed sequences its rows come from (`sequences`, sequence `first_sequence` on),
+    which the engine keeps as the store's `sequences` array.
     """
 
     acts: dict[str, np.ndarray]  # hook -> [n, d_in]
@@ -26,15 +28,23 @@ class RowBatch:
     seq_index: np.ndarray  # [n] int64
     position: np.ndarray  # [n] int32
     cursor: int
+    sequences: np.ndarray | None = None  # [n_seq, context_size] int32, consecutive sequences
+    first_sequence: int = 0  # the index of sequences[0]
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def head(self, n: int) -> RowBatch:
-        """The first n rows (the `--tokens` budget cuts the last batch)."""
+        """The first n rows (the `--tokens` budget cuts the last batch), with the sequences
+        they come from."""
+        n = min(n, len(self))
+        sequences = self.sequences
+        if sequences is not None and n:
+            sequences = sequences[:int(self.seq_index[n - 1]) - self.first_sequence + 1]
         return RowBatch(
             {h: a[:n] for h, a in self.acts.items()},
             self.token_ids[:n], self.seq_index[:n], self.position[:n], self.cursor,
+            sequences, self.first_sequence,
         )
 
 

@@ -124,6 +124,8 @@ def model_source(models: list[tuple[ModelChoice, LoadedModel]], spec: TokenSpec,
                 seq_index=tb.seq_index[:, None].expand(b, ctx)[keep].numpy(),
                 position=torch.arange(ctx, dtype=torch.int32)[None].expand(b, ctx)[keep].numpy(),
                 cursor=cursor,
+                sequences=tb.tokens.to(torch.int32).numpy(),  # the store's `sequences` rows
+                first_sequence=int(tb.seq_index[0]),
             )
 
     return batches
@@ -182,6 +184,7 @@ def run_cache(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
         settings=settings, row_bound=row_bound, max_rows=cfg.max_tokens, shuffle_memory=cfg.shuffle_memory,
         short_message=_too_short("{n}", "{want}", ctx),
         nonfinite_hint="the model produced them; check the model and its --model-dtype",
+        sequences=True,
     )
     source = model_source(list(zip(choices, models, strict=True)), cfg.tokens, cfg.batch_size,
                           cfg.dtype)

@@ -33,6 +33,41 @@ from shared import shards
 from shared.store import HookStats, Manifest, checksum, from_storage
 
 
+class SequenceFile:
+    """Pass 1's copy of the packed token sequences (`RowBatch.sequences`), kept in the work
+    folder as raw int32 rows [sequence, context_size]: every rank writes its batches' sequences
+    at their place (so the file is the same whoever ran them), a resumed run writes the same
+    bytes again, and pass 2 copies it into the store's `sequences` array
+    (shared.store.write_sequences). A batch's sequences are written before the commit that
+    covers its rows, so after pass 1 the file holds exactly the sequences the rows come from."""
+
+    NAME = "sequences.bin"
+
+    def __init__(self, folder: Path, context_size: int):
+        self.path = folder / self.NAME
+        self.row_bytes = 4 * context_size
+        self.context_size = context_size
+
+    def write(self, first: int, sequences: np.ndarray) -> None:
+        block = np.ascontiguousarray(sequences, dtype="<i4")
+        assert block.shape[1] == self.context_size
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, block.data, first * self.row_bytes)
+        finally:
+            os.close(fd)
+
+    def rows(self) -> np.ndarray:
+        """The sequences written, memory-mapped read-only: [n_sequences, context_size]; empty
+        when there are none."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        assert size % self.row_bytes == 0, (self.path, size)
+        if size == 0:
+            return np.zeros((0, self.context_size), dtype="<i4")
+        return np.memmap(self.path, dtype="<i4", mode="r", shape=(size // self.row_bytes,
+                                                                   self.context_size))
+
+
 @dataclass
 class BatchSums:
     """One batch's float64 sums for a hook's statistics (`batch_sums`)."""

@@ -7,10 +7,16 @@ Layout (any Zarr v3 client can read it):
       token_ids          (n_rows,)       int32   token at that row
       seq_index          (n_rows,)       int64   which packed sequence (or imported file) it came from
       position           (n_rows,)       int32   position inside that sequence (or row in that file)
+      sequences          (n_sequences, context_size) int32  the packed token sequences (`cache-acts
+                         run` stores only; absent in imported stores and stores written before it)
       attrs["manifest"]  see `Manifest`
 
-All arrays share one row chunking, so row i of every array is the same token. Rows are one
+All row arrays share one row chunking, so row i of every array is the same token. Rows are one
 uniformly random permutation of the cached tokens; a contiguous block of rows is a random sample.
+A row's context is `sequences[seq_index, :position + 1]` (and the tokens after it: the rest of
+that sequence). `sequences` has its own chunking along sequences (`sequence_chunk_rows`, about
+1 MiB per chunk, sharded like the row arrays), sequence i of the token source being row i, and a
+CRC32 per chunk under `checksums["sequences"]`; `n_sequences` is None when it is absent.
 
 Format 2 (this version) stores each array with the Zarr v3 sharding codec: `shard_rows` rows
 (a multiple of `chunk_rows`) per shard object at `<array>/c/<shard>[/0]`, each shard holding its
@@ -49,6 +55,8 @@ MANIFEST_KEY = "manifest"
 WORK_DIR = ".cache-acts-tmp"
 ACTS_GROUP = "acts"
 META_ARRAYS = {"token_ids": np.int32, "seq_index": np.int64, "position": np.int32}
+SEQUENCES = "sequences"  # the packed token sequences (n_sequences, context_size) int32
+SEQUENCE_CHUNK_BYTES = 1 << 20  # about this many bytes per chunk of `sequences`
 
 # Zarr v3 has no bfloat16: its raw bits are stored as uint16 and the logical dtype is recorded.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -164,6 +172,10 @@ class Manifest:
     # rows per shard object (a multiple of chunk_rows); None: one object per chunk (as in every
     # format-1 store, and in stores that tests and benchmarks build through `create_store`)
     shard_rows: int | None = None
+    # the packed token sequences (`SEQUENCES`): how many, and sequences per chunk; None when the
+    # store has none (imported, or written before stores kept them)
+    n_sequences: int | None = None
+    sequence_chunk_rows: int | None = None
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,6 +213,14 @@ class Manifest:
         if self.complete and any(len(self.checksums.get(p, [])) != self.n_chunks
                                  for p in self.array_paths()):
             raise ValueError("a complete store needs one checksum per chunk of every array")
+        if (self.n_sequences is None) != (self.sequence_chunk_rows is None):
+            raise ValueError("n_sequences and sequence_chunk_rows go together")
+        if self.n_sequences is not None:
+            seq = (self.n_sequences, self.sequence_chunk_rows)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in seq):
+                raise ValueError(f"n_sequences / sequence_chunk_rows {seq} out of range")
+            if self.complete and len(self.checksums.get(SEQUENCES, [])) != self.n_sequence_chunks:
+                raise ValueError("a complete store needs one checksum per chunk of sequences")
 
     @property
     def n_chunks(self) -> int:
@@ -216,7 +236,13 @@ class Manifest:
         """Stored objects per array."""
         return -(-self.n_chunks // self.chunks_per_shard)
 
+    @property
+    def n_sequence_chunks(self) -> int:
+        assert self.n_sequences is not None and self.sequence_chunk_rows is not None
+        return -(-self.n_sequences // self.sequence_chunk_rows)
+
     def array_paths(self) -> list[str]:
+        """The row arrays (n_rows along their first axis), not `sequences`."""
         return [acts_path(h) for h in self.hooks] + list(META_ARRAYS)
 
 
@@ -288,13 +314,44 @@ def write_manifest(group: zarr.Group, manifest: Manifest) -> None:
 def seal(group: zarr.Group, manifest: Manifest) -> None:
     """Mark a store whose arrays are fully written complete: record every chunk's checksum (read
     back from the arrays) and write the final manifest. For stores written outside cache-acts'
-    engine (benchmarks, tests); the engine checksums each chunk as it writes it."""
+    engine (benchmarks, tests); the engine checksums each chunk as it writes it. `sequences`,
+    when written before (`write_sequences`), keeps its checksums."""
     rows = manifest.chunk_rows
-    manifest.checksums = {
+    kept = {SEQUENCES: manifest.checksums[SEQUENCES]} if SEQUENCES in manifest.checksums else {}
+    manifest.checksums = {**kept, **{
         path: [checksum(group[path][lo:lo + rows]) for lo in range(0, manifest.n_rows, rows)]
-        for path in manifest.array_paths()}
+        for path in manifest.array_paths()}}
     manifest.complete = True
     write_manifest(group, manifest)
+
+
+def sequence_chunk_rows(context_size: int) -> int:
+    """Sequences per chunk of `sequences`: about SEQUENCE_CHUNK_BYTES."""
+    return max(1, SEQUENCE_CHUNK_BYTES // (4 * context_size))
+
+
+def write_sequences(group: zarr.Group, manifest: Manifest, sequences: np.ndarray) -> None:
+    """Write `sequences` [n_sequences, context_size] (any int array, e.g. a memory map; row i is
+    sequence i of the token source) as the store's `sequences` array, chunked and sharded as
+    `sequence_chunk_rows` and the manifest's sharding say, and record its size and chunk
+    checksums in `manifest` (the caller writes the manifest). Rewriting gives the same bytes."""
+    n, ctx = sequences.shape
+    assert n >= 1 and ctx == manifest.context_size, (sequences.shape, manifest.context_size)
+    chunk = sequence_chunk_rows(ctx)
+    # shards of whole chunks, at most 128 of them (128 MiB), no bigger than the array needs
+    shard = chunk * min(128, -(-n // chunk)) if manifest.shard_rows is not None else None
+    array = group.create_array(
+        SEQUENCES, shape=(n, ctx), chunks=(chunk, ctx), shards=(shard, ctx) if shard else None,
+        dtype=np.dtype("<i4"), compressors=_compressors(manifest.compression), fill_value=0,
+        overwrite=True)
+    step = shard or chunk
+    sums: list[int] = []
+    for lo in range(0, n, step):
+        block = np.ascontiguousarray(sequences[lo:lo + step], dtype="<i4")
+        array[lo:lo + len(block)] = block
+        sums += [checksum(block[i:i + chunk]) for i in range(0, len(block), chunk)]
+    manifest.n_sequences, manifest.sequence_chunk_rows = n, chunk
+    manifest.checksums[SEQUENCES] = sums
 
 
 @dataclass(frozen=True)
@@ -337,6 +394,33 @@ class Store:
     def array(self, name: str) -> zarr.Array:
         return self.group[name]
 
+    @property
+    def has_sequences(self) -> bool:
+        """Whether the store keeps its packed token sequences (`cache-acts run` stores do;
+        imported stores and stores written before them do not)."""
+        return self.manifest.n_sequences is not None
+
+    def read_sequences(self, indices: np.ndarray) -> np.ndarray:
+        """Packed sequences [len(indices), context_size] int32 (indices into 0..n_sequences-1),
+        each chunk holding one of them read once, whole, and its CRC32 checked (a damaged chunk
+        is refused, not shown)."""
+        m = self.manifest
+        assert m.n_sequences is not None and m.sequence_chunk_rows is not None
+        indices = np.asarray(indices, dtype=np.int64)
+        assert indices.size == 0 or 0 <= indices.min() and indices.max() < m.n_sequences
+        out = np.empty((len(indices), m.context_size), dtype=np.int32)
+        rows = m.sequence_chunk_rows
+        array = self.group[SEQUENCES]
+        for c in np.unique(indices // rows).tolist():
+            block = np.asarray(array[c * rows:(c + 1) * rows])
+            if checksum(block) != m.checksums[SEQUENCES][c]:
+                fail(f"chunk {c} of {SEQUENCES} in store {self.path} does not match its "
+                     "checksum: the store is damaged; recreate it with `cache-acts run "
+                     "--overwrite`")
+            at = indices // rows == c
+            out[at] = block[indices[at] - c * rows]
+        return out
+
     def check_hook(self, hook: str) -> None:
         if hook not in self.manifest.hooks:
             fail(
@@ -363,6 +447,16 @@ class Store:
             if shape != want:
                 fail(f"store {self.path} is damaged: array {path} has shape {shape} but the "
                      f"manifest says {want}; recreate it with `cache-acts run --overwrite`")
+        if m.n_sequences is not None:
+            want = (m.n_sequences, m.context_size)
+            try:
+                shape = tuple(self.group[SEQUENCES].shape)
+            except Exception as e:  # noqa: BLE001 - as above
+                fail(f"store {self.path} is damaged: array {SEQUENCES} cannot be opened ({e}); "
+                     "recreate it with `cache-acts run --overwrite`")
+            if shape != want:
+                fail(f"store {self.path} is damaged: array {SEQUENCES} has shape {shape} but "
+                     f"the manifest says {want}; recreate it with `cache-acts run --overwrite`")
 
     def memmappable(self) -> bool:
         """True when chunks are raw little-endian bytes on a local disk."""

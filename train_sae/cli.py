@@ -33,6 +33,7 @@ from shared.storage import location, parse_storage_options
 from shared.units import parse_count
 from train_sae.cli_eval import eval_command, report_command
 from train_sae.dictionaries import REGISTRY
+from train_sae.evaluation.features.command import features_command
 from train_sae.params import PARAMS
 from train_sae.training.config import DEFAULT_RESAMPLE_AT, TrainConfig
 from train_sae.training.sweep import (
@@ -257,6 +258,8 @@ app.command("run", help="Train one SAE (the one-member case of `sweep`).")(
 # `train-sae eval` and `train-sae report` live in train_sae/cli_eval.py (evaluation and report)
 app.command("eval")(eval_command)
 app.command("report")(report_command)
+# `train-sae features` (the feature browser) lives in train_sae/evaluation/features/command.py
+app.command("features")(features_command)
 
 
 def main() -> None:
