@@ -366,7 +366,11 @@ def test_trust_remote_code(monkeypatch, capsys, tmp_path, folders):
                                atol=1e-5, rtol=1e-5)
     from shared.store import open_store
 
-    loaded = resolve_model(EvalOptions(device="cpu"), open_store(tmp_path / "store").manifest)
+    manifest = open_store(tmp_path / "store").manifest
+    with pytest.raises(UserError, match="cached with --trust-remote-code .* pass "
+                                        "--trust-remote-code to eval if you trust it"):
+        resolve_model(EvalOptions(device="cpu"), manifest)  # not without the user saying so
+    loaded = resolve_model(EvalOptions(device="cpu", trust_remote_code=True), manifest)
     assert loaded.spec == "bridge:custom" and type(loaded.model.original_model).__name__ == \
         "TinyForCausalLM"
 

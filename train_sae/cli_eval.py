@@ -20,8 +20,8 @@ SweepPath = Annotated[Path, typer.Argument(
 def eval_command(
     path: SweepPath,
     model: Annotated[str | None, typer.Option(
-        help="model to splice into: official name, HF folder, .gguf file or random:CONFIG.json "
-             "(default: the store's model)")] = None,
+        help="model to splice into: hf:NAME_OR_PATH, official name, HF folder, .gguf file or "
+             "random:CONFIG.json (default: the store's model)")] = None,
     store: Annotated[str | None, typer.Option(
         help="where the sweep's store is now, if it moved (checked by content against the "
              "store the sweep was trained on): a folder or an fsspec URL")] = None,
@@ -50,6 +50,9 @@ def eval_command(
     ablation_mean: Annotated[str, typer.Option(
         help="mean-ablation vector: 'store' (the store's mean activation) or 'eval' "
              "(the mean over the evaluated tokens)")] = "store",
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="let an hf: model (or the store's, cached with "
+        "--trust-remote-code) run the modelling code its repo ships")] = False,
 ) -> None:
     """Splice each dictionary into the model on held-out tokens: CE loss recovered, KL, L0, FVU.
 
@@ -78,7 +81,7 @@ def eval_command(
                            prepend_bos=bos, drop_special=drop_special,
                            first_position=first_position, n_tokens=n_tokens,
                            batch_size=batch_size, device=world.device(device),
-                           mean_source=ablation_mean,
+                           mean_source=ablation_mean, trust_remote_code=trust_remote_code,
                            storage_options=parse_storage_options(storage_option or []))
         results = evaluate_path(path, opts, world)
         if world.is_main:

@@ -90,6 +90,7 @@ class EvalOptions:
     batch_size: int = 8  # sequences per forward pass
     device: str = "cpu"
     mean_source: str = "store"  # mean-ablation vector: the store's stats mean or the eval tokens'
+    trust_remote_code: bool = False  # let an hf: model run the code its hub repo ships
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)  # to reach a remote store
 
@@ -222,15 +223,20 @@ def model_spec_from_manifest(manifest: Manifest) -> str | None:
 
 
 def resolve_model(opts: EvalOptions, manifest: Manifest | None) -> LoadedModel:
-    """--model, else the store's own model through the backend that cached it (a bridge model
-    with the --trust-remote-code it was cached with)."""
+    """--model, else the store's own model through the backend that cached it. A store cached
+    with --trust-remote-code is reloaded only with --trust-remote-code given again: a store
+    someone shares does not get to run its model's code without the user saying so."""
     if opts.model is not None:
-        return load_model(opts.model, device=opts.device)
+        return load_model(opts.model, device=opts.device,
+                          trust_remote_code=opts.trust_remote_code)
     if manifest is None:
         fail("the sweep's store is not available, so its model is unknown; pass --model")
-    trust = bool(manifest.model_info.get("source", {}).get("trust_remote_code", False))
+    if manifest.model_info.get("source", {}).get("trust_remote_code") and \
+            not opts.trust_remote_code:
+        fail(f"the store's model {manifest.model} was cached with --trust-remote-code (it runs "
+             "the Python code its repo ships); pass --trust-remote-code to eval if you trust it")
     return load_model(model_spec_from_manifest(manifest), device=opts.device,
-                      trust_remote_code=trust)
+                      trust_remote_code=opts.trust_remote_code)
 
 
 def resolve_tokens(opts: EvalOptions, manifest: Manifest | None) -> TokenSpec:
