@@ -50,6 +50,25 @@ def weights(folder):
     return (folder / "sae_weights.safetensors").read_bytes()
 
 
+def crash_at(step, train_sweep):
+    """Run `train_sweep` with a crash right after its checkpoint at `step`."""
+    import train_sae.training.trainer as trainer
+
+    real = trainer.SweepRun.checkpoint
+
+    def crash_after(self, done):
+        real(self, done)
+        if done == step:
+            raise KeyboardInterrupt
+
+    trainer.SweepRun.checkpoint = crash_after
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sweep()
+    finally:
+        trainer.SweepRun.checkpoint = real
+
+
 def test_groups_stack_only_what_may_differ(store):
     cfg = TrainConfig(store=str(store), out="unused", batch_size=BATCH, device="cpu",
                       kernels="dense")
@@ -90,6 +109,11 @@ def test_a_failing_member_leaves_its_stack_and_the_others_go_on(store, tmp_path)
     alone = run(store, tmp_path / "alone", "off", members)
     stacked = run(store, tmp_path / "stacked", "on", members)
     assert [r.status for r in stacked] == ["done", "failed", "done"]
+    # a resumed sweep with a failed member stacks the others
+    crash_at(80, lambda: run(store, tmp_path / "resumed", "on", members, checkpoint_every=40))
+    resumed = run(store, tmp_path / "resumed", "on", members, checkpoint_every=40, resume=True)
+    assert [r.status for r in resumed] == ["done", "failed", "done"]
+    assert weights(resumed[2].folder) == weights(stacked[2].folder)
     assert stacked[1].failure == alone[1].failure
     for i in (0, 2):
         assert weights(stacked[i].folder) == weights(alone[i].folder)
@@ -99,21 +123,7 @@ def test_a_stacked_sweep_resumes_to_the_same_bytes(store, tmp_path):
     members = MEMBERS[:2]
     whole = run(store, tmp_path / "whole", "on", members, checkpoint_every=40)
     # a crash right after the step-80 checkpoint of the same sweep, then --resume
-    import train_sae.training.trainer as trainer
-
-    real = trainer.SweepRun.checkpoint
-
-    def crash_after(self, done):
-        real(self, done)
-        if done == 80:
-            raise KeyboardInterrupt
-
-    trainer.SweepRun.checkpoint = crash_after
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(store, tmp_path / "resumed", "on", members, checkpoint_every=40)
-    finally:
-        trainer.SweepRun.checkpoint = real
+    crash_at(80, lambda: run(store, tmp_path / "resumed", "on", members, checkpoint_every=40))
     # resumed unstacked: --stack changes how, not what, a sweep trains
     resumed = run(store, tmp_path / "resumed", "off", members, checkpoint_every=40, resume=True)
     for w, r in zip(whole, resumed, strict=True):

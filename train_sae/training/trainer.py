@@ -494,7 +494,8 @@ def check_stacks(cfg: TrainConfig, plan: Plan, members: list[Member]) -> list[tu
     """The names of the members that will train stacked, stack by stack."""
     if not use_stacking(cfg, plan.device):
         return []
-    return [tuple(m.name for m in g) for g in stack_groups(members) if len(g) > 1]
+    running = [m for m in members if m.status == "running"]  # a resumed sweep's failed ones not
+    return [tuple(m.name for m in g) for g in stack_groups(running) if len(g) > 1]
 
 
 def use_stacking(cfg: TrainConfig, device: str) -> bool:
