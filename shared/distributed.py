@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from shared.errors import EXIT_USAGE, UserError, fail, first_line
+from shared.errors import EXIT_USAGE, UserError, error_line, fail, first_line
 
 DEFAULT_TIMEOUT_S = 1800.0  # how long a rank waits for the others in a collective (as torch)
 EXIT_RANK_FAILED = 1  # another rank's internal error; user errors keep shared.errors' exit 2
@@ -319,7 +319,7 @@ def exit_together() -> Iterator[None]:
         if isinstance(e, SystemExit):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         elif isinstance(e, RankFailed):
-            print(f"error: {e}", file=sys.stderr)
+            error_line(str(e))
             code = EXIT_RANK_FAILED
         else:  # this rank's own internal error: its traceback, as Python would print it
             traceback.print_exc()

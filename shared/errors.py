@@ -40,8 +40,15 @@ def check_seed(seed: int) -> None:
         fail(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
 
 
+def error_line(message: str) -> None:
+    """`error: <message>` on stderr in one write, so that the lines of several ranks sharing one
+    stderr (torchrun) never interleave mid-line (print writes the text and the newline apart)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def _die(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    error_line(message)
     sys.exit(EXIT_USAGE)
 
 
