@@ -15,6 +15,12 @@ import typer
 
 SweepPath = Annotated[Path, typer.Argument(
     help="a sweep folder (--out of `train-sae sweep`) or one run folder inside it")]
+# where a sweep's store is now (eval, features)
+MovedStore = Annotated[str | None, typer.Option(
+    help="where the sweep's store is now, if it moved (checked by content against the "
+         "store the sweep was trained on): a folder or an fsspec URL")]
+StorageOption = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="KEY=VALUE for a remote store's fsspec filesystem (repeatable)")]
 
 
 def eval_command(
@@ -22,12 +28,8 @@ def eval_command(
     model: Annotated[str | None, typer.Option(
         help="model to splice into: hf:NAME_OR_PATH, official name, HF folder, .gguf file or "
              "random:CONFIG.json (default: the store's model)")] = None,
-    store: Annotated[str | None, typer.Option(
-        help="where the sweep's store is now, if it moved (checked by content against the "
-             "store the sweep was trained on): a folder or an fsspec URL")] = None,
-    storage_option: Annotated[list[str] | None, typer.Option(
-        "--storage-option", help="KEY=VALUE for a remote store's fsspec filesystem "
-        "(repeatable)")] = None,
+    store: MovedStore = None,
+    storage_option: StorageOption = None,
     dataset: Annotated[str | None, typer.Option(
         help="hub dataset or local text/jsonl/parquet file or folder (default: the store's)")] = None,
     text_column: Annotated[str | None, typer.Option(help="text column to tokenize")] = None,

@@ -9,16 +9,13 @@ from typing import Annotated
 
 import typer
 
+from train_sae.cli_eval import MovedStore, StorageOption, SweepPath
+
 
 def features_command(
-    path: Annotated[Path, typer.Argument(
-        help="a sweep folder (--out of `train-sae sweep`) or one run folder inside it")],
-    store: Annotated[str | None, typer.Option(
-        help="where the sweep's store is now, if it moved (checked by content against the "
-             "store the sweep was trained on): a folder or an fsspec URL")] = None,
-    storage_option: Annotated[list[str] | None, typer.Option(
-        "--storage-option", help="KEY=VALUE for a remote store's fsspec filesystem "
-        "(repeatable)")] = None,
+    path: SweepPath,
+    store: MovedStore = None,
+    storage_option: StorageOption = None,
     rows: Annotated[str | None, typer.Option(
         help="store rows to read, e.g. 1M (default: all); the rows are shuffled, so the first "
              "N are a uniform sample")] = None,
